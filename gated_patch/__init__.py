@@ -1,0 +1,40 @@
+"""gated_patch: add the gated attention of Qiu et al. (2025) to Hugging Face Transformers models."""
+
+from .core.attention import GATE_MODULE_NAME
+from .core.config import GateConfig
+from .core.errors import (
+    AlreadyPatchedError,
+    GateConfigError,
+    GatedPatchError,
+    NotPatchedError,
+    UnsupportedModelError,
+    UpstreamStructureError,
+)
+from .core.gate import AttentionGateLinear
+from .patching import gate_config, gate_parameters, gated_model_from_config, is_patched, patch_model, unpatch_model
+from .registry import ModelFamily, get_model_family, register_model_type, registered_model_types, unregister_model_type
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GATE_MODULE_NAME",
+    "AlreadyPatchedError",
+    "AttentionGateLinear",
+    "GateConfig",
+    "GateConfigError",
+    "GatedPatchError",
+    "ModelFamily",
+    "NotPatchedError",
+    "UnsupportedModelError",
+    "UpstreamStructureError",
+    "gate_config",
+    "gate_parameters",
+    "gated_model_from_config",
+    "get_model_family",
+    "is_patched",
+    "patch_model",
+    "register_model_type",
+    "registered_model_types",
+    "unpatch_model",
+    "unregister_model_type",
+]

