@@ -58,6 +58,18 @@ def gate_input_features(config: GateConfig, hidden_size: int, num_heads: int, he
     return hidden_size if config.gate_input == "hidden_states" else num_heads * head_dim
 
 
+def gate_scores(projection_output: torch.Tensor, config: GateConfig) -> torch.Tensor:
+    """The gate scores ``activation(projection_output + offset) * scale`` from the gate projection's output (also
+    used by `gated_patch.diagnostics`, which observes the projection output with a forward hook)."""
+    scores = projection_output
+    if config.preactivation_offset != 0.0:
+        scores = scores + config.preactivation_offset
+    scores = torch.sigmoid(scores) if config.activation == "sigmoid" else nn.functional.silu(scores)
+    if config.output_scale != 1.0:
+        scores = scores * config.output_scale
+    return scores
+
+
 def apply_attention_output_gate(
     attn_output: torch.Tensor,
     hidden_states: torch.Tensor,
@@ -73,12 +85,7 @@ def apply_attention_output_gate(
         gate: the gate projection, called as a module so PEFT adapters on it take effect.
     """
     source = hidden_states if config.gate_input == "hidden_states" else attn_output
-    scores = gate(source)
-    if config.preactivation_offset != 0.0:
-        scores = scores + config.preactivation_offset
-    scores = torch.sigmoid(scores) if config.activation == "sigmoid" else nn.functional.silu(scores)
-    if config.output_scale != 1.0:
-        scores = scores * config.output_scale
+    scores = gate_scores(gate(source), config)
     if config.granularity == "elementwise":
         return attn_output * scores
     shape = attn_output.shape
