@@ -70,3 +70,17 @@ def check_attention_structure(attention: nn.Module, family: ModelFamily, where: 
     ok, reason = _forward_calls_projection_once(expected, family.output_projection)
     if not ok:
         fail(reason)
+
+
+def refresh_output_recording(model: nn.Module) -> None:
+    """Re-register `_can_record_outputs` for a model whose class was swapped.
+
+    transformers 5.x records ``output_attentions`` / ``output_hidden_states`` through a registry keyed by the model's
+    class name, filled in ``PreTrainedModel.__init__``; a class swapped afterwards must be registered again or the
+    outputs silently come back as ``None`` (tests/test_core_identity.py::test_output_attentions_still_returned).
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # older 5.x: the recorder reads the class attribute directly
+        return
+    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from .compat import check_attention_structure, check_transformers_version
+from .compat import check_attention_structure, check_transformers_version, refresh_output_recording
 from .core.attention import (
     GATE_MODULE_NAME,
     GatedAttentionMixin,
@@ -136,6 +136,7 @@ def patch_model(model: PreTrainedModel, config: GateConfigLike = None) -> PreTra
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             module.__class__ = gated_pretrained_class(type(module))
+            refresh_output_recording(module)
     setattr(model.config, CONFIG_ATTRIBUTE, config.to_dict())
     return model
 
@@ -153,6 +154,7 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
     for module in model.modules():
         if isinstance(module, GatedPreTrainedMixin):
             module.__class__ = original_class(type(module))
+            refresh_output_recording(module)
     if hasattr(model.config, CONFIG_ATTRIBUTE):
         delattr(model.config, CONFIG_ATTRIBUTE)
     return model
