@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16)
     add_gate_config_arguments(demo)
     demo.set_defaults(handler=_demo)
+    from .diagnostics.command import add_inspect_parser  # `gated-patch inspect` (issue 5)
+
+    add_inspect_parser(commands)
     return parser
 
 

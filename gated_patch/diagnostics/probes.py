@@ -1,0 +1,209 @@
+"""Forward hooks that reduce what the paper's metrics need while the model runs, one window batch at a time.
+
+Nothing here copies upstream forward code or the gate math: attention weights come from the attention module's own
+output (eager attention returns them), hidden states from the decoder layers' outputs, gate scores from the gate
+projection's output passed through `gated_patch.core.gate.gate_scores`, and the attention output before / after the
+gate from two forward pre-hooks on the output projection placed around the gating hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..core.attention import GATE_MODULE_NAME, GatedAttentionMixin, install_output_projection_hook
+from ..core.errors import UnsupportedModelError, UpstreamStructureError
+from ..core.gate import gate_scores
+from ..registry import ModelFamily, get_model_family
+
+#: Gate-score thresholds whose fractions are reported (the paper discusses scores near zero as "sparse").
+GATE_THRESHOLDS = (0.1, 0.01)
+
+
+@dataclass
+class LayerAccumulator:
+    """Running sums for one decoder layer over every window seen so far."""
+
+    first_token_sum: Optional[torch.Tensor] = None  # [heads]: sum of attention on key 0 over queries 1..T-1
+    first_token_count: int = 0  # number of (window, query) pairs summed, per head
+    max_abs: float = 0.0
+    max_abs_position: int = -1  # token position (within its window) of the maximum
+    max_abs_channel: int = -1  # hidden dimension of the maximum
+    attn_output_abs_sum: float = 0.0  # sum |Y| (SDPA output, before the gate)
+    attn_output_count: int = 0
+    gated_output_abs_sum: float = 0.0  # sum |Y * g|
+    gated_output_count: int = 0
+    gate_sum: Optional[torch.Tensor] = None  # [heads]
+    gate_below: dict = field(default_factory=dict)  # threshold -> [heads] counts
+    gate_count: int = 0  # scores per head
+    gate_min: float = float("inf")
+    gate_max: float = float("-inf")
+
+
+def model_family(model: nn.Module) -> ModelFamily:
+    """The registered family of `model`; a gated checkpoint's ``gated_<family>`` model_type maps to ``<family>``."""
+    model_type = model.config.model_type
+    try:
+        return get_model_family(model_type)
+    except UnsupportedModelError:
+        if model_type.startswith("gated_"):
+            return get_model_family(model_type[len("gated_") :])
+        raise
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    family = model_family(model)
+    try:
+        return operator.attrgetter(family.decoder_layers)(model)
+    except AttributeError as exc:
+        raise UpstreamStructureError(
+            f"{type(model).__name__} has no `{family.decoder_layers}` (the registered decoder-layer path of "
+            f"model_type {family.model_type!r}); pass a causal-LM model, e.g. AutoModelForCausalLM.from_pretrained(...)."
+        ) from exc
+
+
+def attention_module(model: nn.Module, layer: nn.Module) -> nn.Module:
+    family = model_family(model)
+    attention = getattr(layer, family.attention, None)
+    if attention is None:
+        raise UpstreamStructureError(f"Decoder layer {type(layer).__name__} has no `{family.attention}` module.")
+    return attention
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[str]:
+    """Run `model` with eager attention (the only implementation that materialises attention weights) inside the
+    block and restore its previous implementation afterwards, so `sdpa` models need no reload."""
+    previous = model.config._attn_implementation
+    if previous == "eager":
+        yield previous
+        return
+    model.set_attn_implementation("eager")
+    if model.config._attn_implementation != "eager":
+        raise UpstreamStructureError(
+            f"{type(model).__name__} refused to switch its attention implementation from {previous!r} to 'eager' "
+            "(needed to read attention weights). Load the model with attn_implementation='eager' instead."
+        )
+    try:
+        yield previous
+    finally:
+        model.set_attn_implementation(previous)
+
+
+class MetricProbes:
+    """Installs the hooks on entry, removes them on exit; `accumulators[i]` holds layer i's running sums."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers = list(decoder_layers(model))
+        self.accumulators = [LayerAccumulator() for _ in self.layers]
+        self._handles: list = []
+
+    def __enter__(self) -> "MetricProbes":
+        try:
+            for index, layer in enumerate(self.layers):
+                attention = attention_module(self.model, layer)
+                self._handles.append(attention.register_forward_hook(self._attention_hook(index)))
+                self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
+                self._install_output_hooks(index, attention)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _install_output_hooks(self, index: int, attention: nn.Module) -> None:
+        family = model_family(self.model)
+        name = getattr(attention, "output_projection_name", family.output_projection)
+        projection = attention._modules.get(name)
+        if projection is None:
+            raise UpstreamStructureError(f"Attention module {type(attention).__name__} has no `{name}` projection.")
+        gated = isinstance(attention, GatedAttentionMixin)
+        if gated:
+            install_output_projection_hook(projection)  # idempotent: ensures the gating hook precedes ours
+        self._handles.append(projection.register_forward_pre_hook(self._before_gate_hook(index), prepend=True))
+        if gated:
+            self._handles.append(projection.register_forward_pre_hook(self._after_gate_hook(index)))
+            gate = attention._modules[GATE_MODULE_NAME]
+            self._handles.append(gate.register_forward_hook(self._gate_hook(index, attention)))
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+
+    def _attention_hook(self, index: int):
+        def hook(module, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise UpstreamStructureError(
+                    f"Attention layer {index} ({type(module).__name__}) returned no attention weights although the "
+                    f"model runs with {self.model.config._attn_implementation!r} attention; this model family's "
+                    "attention does not expose its weights. Load it with attn_implementation='eager'."
+                )
+            queries = weights.shape[-2]
+            if queries < 2:
+                return
+            # [batch, heads, queries, keys]: weight on key 0 for queries 1..T-1 (query 0 can only see itself).
+            on_first = weights[..., 1:, 0].detach().float()
+            acc = self.accumulators[index]
+            per_head = on_first.sum(dim=(0, 2))
+            acc.first_token_sum = per_head if acc.first_token_sum is None else acc.first_token_sum + per_head
+            acc.first_token_count += on_first.shape[0] * on_first.shape[2]
+
+        return hook
+
+    def _layer_hook(self, index: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            magnitude = hidden.detach().abs()
+            value, flat = magnitude.reshape(-1).max(dim=0)
+            value = float(value)
+            acc = self.accumulators[index]
+            if value > acc.max_abs or acc.max_abs_position < 0:
+                channels = hidden.shape[-1]
+                positions = hidden.shape[-2]
+                acc.max_abs = value
+                acc.max_abs_channel = int(flat) % channels
+                acc.max_abs_position = (int(flat) // channels) % positions
+
+        return hook
+
+    def _before_gate_hook(self, index: int):
+        def hook(module, args):
+            acc = self.accumulators[index]
+            acc.attn_output_abs_sum += float(args[0].detach().abs().float().sum())
+            acc.attn_output_count += args[0].numel()
+
+        return hook
+
+    def _after_gate_hook(self, index: int):
+        def hook(module, args):
+            acc = self.accumulators[index]
+            acc.gated_output_abs_sum += float(args[0].detach().abs().float().sum())
+            acc.gated_output_count += args[0].numel()
+
+        return hook
+
+    def _gate_hook(self, index: int, attention: nn.Module):
+        def hook(module, args, output):
+            scores = gate_scores(output.detach().float(), attention.gate_config)
+            heads = attention.gate_num_heads
+            per_head = scores.reshape(-1, heads, scores.shape[-1] // heads)  # headwise: [N, heads, 1]
+            acc = self.accumulators[index]
+            sums = per_head.sum(dim=(0, 2))
+            acc.gate_sum = sums if acc.gate_sum is None else acc.gate_sum + sums
+            for threshold in GATE_THRESHOLDS:
+                below = (per_head < threshold).sum(dim=(0, 2)).float()
+                acc.gate_below[threshold] = below + acc.gate_below.get(threshold, 0)
+            acc.gate_count += per_head.shape[0] * per_head.shape[2]
+            acc.gate_min = min(acc.gate_min, float(scores.min()))
+            acc.gate_max = max(acc.gate_max, float(scores.max()))
+
+        return hook
