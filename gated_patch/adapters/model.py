@@ -1,0 +1,315 @@
+"""Gate-aware PEFT models: create (`get_gated_peft_model`), save (the gate record sidecar) and load
+(`load_gated_adapter`), never dropping a gate tensor silently."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from importlib.metadata import version as _package_version
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.tuners.ln_tuning.layer import LNTuningLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+from transformers.utils import logging
+
+from ..core.attention import GATE_MODULE_NAME
+from ..core.config import GateConfig
+from ..core.errors import NotPatchedError
+from ..patching import gate_config, is_patched, patch_model
+from .configs import check_gates_reproducible
+from .record import (
+    FORMAT,
+    FORMAT_VERSION,
+    GATE_TENSORS_DELTA,
+    GATE_TENSORS_FULL,
+    GATE_TENSORS_NONE,
+    SIDECAR_NAME,
+    GatedAdapterError,
+    base_gate_tensors,
+    fingerprint,
+    gate_module_names,
+    read_record,
+    write_record,
+)
+
+logger = logging.get_logger(__name__)
+
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_GATED_PEFT_CLASS_CACHE: dict[type, type] = {}
+
+
+# ----------------------------------------------------------------------------------------------------------- saving
+def gate_storage(peft_model: PeftModel, adapter_name: str) -> str:
+    """How adapter `adapter_name` stores the gates: whole tensors, a LoRA-style delta, or not at all."""
+    base = peft_model.get_base_model()
+    kinds = set()
+    for slot in gate_module_names(base):
+        module = base.get_submodule(slot)
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            kinds.add(GATE_TENSORS_FULL)
+        elif isinstance(module, LNTuningLayer) and adapter_name in module.ln_tuning_layers:
+            kinds.add(GATE_TENSORS_FULL)
+        elif isinstance(module, BaseTunerLayer) and any(
+            adapter_name in getattr(module, attr, {}) for attr in module.adapter_layer_names
+        ):
+            kinds.add(GATE_TENSORS_DELTA)
+    if len(kinds) > 1:
+        raise GatedAdapterError(f"Adapter {adapter_name!r} stores some gates whole and some as deltas: {sorted(kinds)}.")
+    return kinds.pop() if kinds else GATE_TENSORS_NONE
+
+
+def adapter_record(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, Any]:
+    """The gate record that `save_pretrained` writes beside adapter `adapter_name`."""
+    base = peft_model.get_base_model()
+    if not is_patched(base):
+        raise NotPatchedError("The PEFT model's base is not patched; there is no gate to record.")
+    config = peft_model.peft_config[adapter_name]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "gate_config": gate_config(base).to_dict(),
+        "gate_modules": gate_module_names(base),
+        "gate_tensors": gate_storage(peft_model, adapter_name),
+        "base_gate_sha256": fingerprint(base_gate_tensors(base)),
+        "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
+        "gated_patch_version": _package_version_or_none("gated_patch"),
+        "peft_version": _package_version_or_none("peft"),
+    }
+
+
+def _package_version_or_none(name: str) -> Optional[str]:
+    try:
+        return _package_version(name)
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        return None
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move everything from `staging` into `target`; each file lands with ``os.replace`` (atomic), the gate record
+    last, so a reader never sees a record without its adapter."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == SIDECAR_NAME)
+    for entry in entries:
+        destination = target / entry.name
+        if entry.is_dir() and destination.is_dir():
+            _publish(entry, destination)
+        else:
+            if destination.is_dir():
+                shutil.rmtree(destination)
+            os.replace(entry, destination)
+
+
+class GatedPeftModelMixin:
+    """Put in front of a PEFT model class: `save_pretrained` also writes the gate record, `load_adapter` checks that
+    a gate adapter fits the base and that no tensor was dropped."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        bound = inspect.signature(PeftModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
+        bound.apply_defaults()
+        if not bound.arguments.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        selected = bound.arguments.get("selected_adapters") or list(self.peft_config)
+        records = {name: adapter_record(self, name) for name in selected}
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            super().save_pretrained(str(staging), *args, **kwargs)
+            for name, record in records.items():
+                write_record(staging if name == "default" else staging / name, record)
+            _publish(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        directory = _local_adapter_dir(model_id, kwargs.get("revision"))
+        _check_base_fits(self.get_base_model(), directory, str(model_id), patch_base=False, wrapped=True)
+        result = super().load_adapter(str(directory), adapter_name, *args, **kwargs)
+        verify_adapter_loaded(self, directory, adapter_name)
+        return result
+
+
+def _as_gated_peft_model(peft_model: PeftModel) -> PeftModel:
+    base_class = type(peft_model)
+    if isinstance(peft_model, GatedPeftModelMixin):
+        return peft_model
+    cls = _GATED_PEFT_CLASS_CACHE.get(base_class)
+    if cls is None:
+        cls = type(
+            f"Gated{base_class.__name__}",
+            (GatedPeftModelMixin, base_class),
+            {"__module__": __name__, "__doc__": f"{base_class.__name__} that records and checks attention gates."},
+        )
+        _GATED_PEFT_CLASS_CACHE[base_class] = cls
+        globals()[cls.__name__] = cls
+    peft_model.__class__ = cls
+    return peft_model
+
+
+def get_gated_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
+    """`peft.get_peft_model` for a patched model; its `save_pretrained` also writes the gate record.
+
+    Refuses an unpatched model, and LoRA on gates that could not be rebuilt exactly on load.
+    """
+    if not is_patched(model):
+        raise NotPatchedError(
+            f"get_gated_peft_model needs a patched model; {type(model).__name__} has no attention gates. "
+            "Call gated_patch.patch_model(model) first (identity init keeps the model's outputs unchanged)."
+        )
+    peft_model = get_peft_model(model, peft_config, adapter_name=adapter_name, **kwargs)
+    if gate_storage(peft_model, adapter_name) == GATE_TENSORS_DELTA:
+        check_gates_reproducible(peft_model.get_base_model())
+    return _as_gated_peft_model(peft_model)
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+def _local_adapter_dir(adapter: Union[str, os.PathLike], revision: Optional[str] = None) -> Path:
+    path = Path(adapter)
+    if path.is_dir():
+        return path
+    if str(adapter).count("/") != 1 or path.exists():
+        raise GatedAdapterError(f"Adapter {str(adapter)!r} is neither a local directory nor a Hub repo id (owner/name).")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=str(adapter), revision=revision))
+
+
+def _adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    for name in _WEIGHT_FILES:
+        file = directory / name
+        if file.is_file():
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(str(file))
+            return torch.load(str(file), map_location="cpu", weights_only=True)
+    raise GatedAdapterError(f"{directory} holds no adapter weights ({' or '.join(_WEIGHT_FILES)}).")
+
+
+def _short_list(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
+
+
+def _check_base_fits(base: nn.Module, directory: Path, adapter: str, *, patch_base: bool, wrapped: bool) -> None:
+    """Raise `GatedAdapterError` unless the adapter at `directory` can load onto `base` without losing gate tensors;
+    with `patch_base`, patch an unpatched base as the adapter's record says."""
+    record = read_record(directory)
+    if record is None:
+        gate_keys = sorted(k for k in _adapter_weights(directory) if f".{GATE_MODULE_NAME}." in k)
+        if gate_keys and not is_patched(base):
+            raise GatedAdapterError(
+                f"Adapter {adapter!r} holds {len(gate_keys)} gate tensors ({_short_list(gate_keys)}) but has no "
+                f"{SIDECAR_NAME} (saved with plain PEFT), so its gate config is unknown, and the base model has no "
+                "gates: PEFT would drop them. Fix: patch the base with the config used for training, e.g. "
+                "gated_patch.patch_model(base_model, gated_patch.GateConfig(granularity=...)), then call "
+                f"gated_patch.load_gated_adapter(base_model, {adapter!r})."
+            )
+        return
+    config = GateConfig.from_dict(record["gate_config"])
+    fix = f"gated_patch.load_gated_adapter(base_model, {adapter!r})"
+    if not is_patched(base):
+        missing = list(record["gate_modules"])
+        if patch_base and not wrapped:
+            patch_model(base, config)
+        else:
+            how = (
+                "the model is already wrapped by PEFT and cannot be patched in place; load a fresh base model and call "
+                if wrapped
+                else "call "
+            )
+            raise GatedAdapterError(
+                f"Cannot load gate adapter {adapter!r} onto an unpatched {type(base).__name__}: the model lacks the "
+                f"gate modules {_short_list(missing)} that the adapter holds weights for (PEFT would silently drop "
+                f"them). Fix: {how}{fix}, which patches the base with the recorded gate config "
+                f"(GateConfig(**{config.to_dict()!r})) and then loads the adapter."
+            )
+    existing = gate_config(base)
+    if existing != config:
+        raise GatedAdapterError(
+            f"Adapter {adapter!r} was trained with {config}, but the base model is patched with {existing}. Fix: "
+            f"load a fresh (unpatched) base model and call {fix}."
+        )
+    present = set(gate_module_names(base))
+    missing = [name for name in record["gate_modules"] if name not in present]
+    if missing:
+        raise GatedAdapterError(
+            f"Adapter {adapter!r} holds weights for gate modules the base model lacks: {_short_list(missing)}. Is this "
+            f"the base model the adapter was trained on? Fix: load that base model unpatched and call {fix}."
+        )
+    if record["gate_tensors"] == GATE_TENSORS_DELTA:
+        actual = fingerprint(base_gate_tensors(base))
+        if actual != record.get("base_gate_sha256"):
+            raise GatedAdapterError(
+                f"Adapter {adapter!r} holds LoRA deltas of the gates, trained on base gates with SHA-256 "
+                f"{record.get('base_gate_sha256')}; this base's gates differ ({actual}), so the result would be wrong. "
+                "Fix: load the base checkpoint the adapter was trained on (identity-init gates are rebuilt exactly by "
+                f"{fix} on the unpatched base)."
+            )
+
+
+def verify_adapter_loaded(peft_model: PeftModel, adapter_dir: Union[str, os.PathLike], adapter_name: str = "default") -> None:
+    """Raise `GatedAdapterError` unless every tensor in the adapter file is in the model with the same value."""
+    directory = Path(adapter_dir)
+    stored = _adapter_weights(directory)
+    current = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    dropped = sorted(k for k in stored if k not in current)
+    changed = sorted(
+        k for k in stored if k in current and not torch.equal(current[k].detach().cpu().to(stored[k].dtype), stored[k])
+    )
+    if dropped or changed:
+        raise GatedAdapterError(
+            f"Adapter {str(adapter_dir)!r} did not load completely into adapter {adapter_name!r}: "
+            f"{len(dropped)} tensors missing from the model ({_short_list(dropped)}), {len(changed)} with other values "
+            f"({_short_list(changed)}). Load it with gated_patch.load_gated_adapter(base_model, {str(adapter_dir)!r}) "
+            "onto the base model it was trained on."
+        )
+
+
+def load_gated_adapter(
+    model: nn.Module,
+    adapter: Union[str, os.PathLike],
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    patch_base: bool = True,
+    revision: Optional[str] = None,
+    **kwargs,
+) -> PeftModel:
+    """Load a (gate) adapter onto `model`, patching it first as the adapter's gate record says.
+
+    Args:
+        model: an unpatched base model (patched here as recorded), a base already patched with the recorded gate
+            config, or a PEFT model made by this module (the adapter is then added as `adapter_name`).
+        adapter: the adapter directory written by `save_pretrained` (or a Hub repo id).
+        is_trainable: load for further training (resume), as in `PeftModel.from_pretrained`.
+        patch_base: with ``False``, an unpatched base raises instead of being patched.
+        kwargs: passed to `PeftModel.from_pretrained`.
+
+    Raises `GatedAdapterError` when the adapter cannot load onto `model` without losing gate tensors, and after
+    loading unless every tensor of the adapter file is in the model.
+    """
+    directory = _local_adapter_dir(adapter, revision)
+    name = str(adapter)
+    if isinstance(model, PeftModel):
+        if not isinstance(model, GatedPeftModelMixin):
+            _check_base_fits(model.get_base_model(), directory, name, patch_base=False, wrapped=True)
+            model = _as_gated_peft_model(model)
+        model.load_adapter(directory, adapter_name, is_trainable=is_trainable, **kwargs)
+        return model
+    _check_base_fits(model, directory, name, patch_base=patch_base, wrapped=False)
+    peft_model = PeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+    verify_adapter_loaded(peft_model, directory, adapter_name)
+    if is_patched(peft_model.get_base_model()):
+        peft_model = _as_gated_peft_model(peft_model)
+    return peft_model
