@@ -11,6 +11,7 @@ from .core.errors import (
     UpstreamStructureError,
 )
 from .core.gate import AttentionGateLinear
+from .fused import fuse_gates, is_fused, unfuse_gates
 from .patching import gate_config, gate_parameters, gated_model_from_config, is_patched, patch_model, unpatch_model
 from .registry import ModelFamily, get_model_family, register_model_type, registered_model_types, unregister_model_type
 
@@ -27,14 +28,17 @@ __all__ = [
     "NotPatchedError",
     "UnsupportedModelError",
     "UpstreamStructureError",
+    "fuse_gates",
     "gate_config",
     "gate_parameters",
     "gated_model_from_config",
     "get_model_family",
+    "is_fused",
     "is_patched",
     "patch_model",
     "register_model_type",
     "registered_model_types",
+    "unfuse_gates",
     "unpatch_model",
     "unregister_model_type",
 ]

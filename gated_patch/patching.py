@@ -23,6 +23,7 @@ from .core.attention import (
 from .core.config import GateConfig
 from .core.errors import AlreadyPatchedError, NotPatchedError
 from .core.gate import AttentionGateLinear, gate_input_features, gate_output_features
+from .fused import is_fused, unfuse_gates
 from .registry import ModelFamily, get_model_family
 
 #: Attribute of `model.config` that records the gate config of a patched model (round-trips through config.json).
@@ -145,6 +146,8 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
     """Remove every gate and restore the original classes: the model is exactly the unpatched model again."""
     if not is_patched(model):
         raise NotPatchedError(f"{type(model).__name__} is not patched; nothing to unpatch.")
+    if is_fused(model):  # give q_proj and the gates their own storage and classes back first (issue 6)
+        unfuse_gates(model)
     for _, attention in list(_gated_attention_modules(model)):
         remove_output_projection_hook(attention._modules[attention.output_projection_name])
         del attention._modules[GATE_MODULE_NAME]
