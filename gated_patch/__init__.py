@@ -5,6 +5,7 @@ from .core.config import GateConfig
 from .core.errors import (
     AlreadyPatchedError,
     GateConfigError,
+    GatedCheckpointError,
     GatedPatchError,
     NotPatchedError,
     UnsupportedModelError,
@@ -17,12 +18,15 @@ from .registry import ModelFamily, get_model_family, register_model_type, regist
 
 __version__ = "0.1.0"
 
+from . import checkpoints  # noqa: E402  (after __version__) registers gated checkpoints with the Auto classes
+
 __all__ = [
     "GATE_MODULE_NAME",
     "AlreadyPatchedError",
     "AttentionGateLinear",
     "GateConfig",
     "GateConfigError",
+    "GatedCheckpointError",
     "GatedPatchError",
     "ModelFamily",
     "NotPatchedError",

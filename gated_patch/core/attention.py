@@ -81,6 +81,17 @@ class GatedPreTrainedMixin:
             return
         super()._init_weights(module)
 
+    #: Installed by `gated_patch.checkpoints` (outside core, so core stays torch + transformers only): a function
+    #: ``saver(model, plain_save, save_directory, *args, **kwargs)`` that writes the gated checkpoint format
+    #: (``gated_<family>`` model_type, gate config, remote code). ``None``: transformers' plain save.
+    checkpoint_saver = None
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        saver = GatedPreTrainedMixin.checkpoint_saver
+        if saver is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        return saver(self, super().save_pretrained, save_directory, *args, **kwargs)
+
 
 def _gated_subclass(base: type, mixin: type, what: str) -> type:
     """``Gated<Base>``: `mixin` in front of `base`. Cached per base class and importable from this module by name,

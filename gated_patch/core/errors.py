@@ -23,3 +23,7 @@ class AlreadyPatchedError(GatedPatchError, ValueError):
 
 class NotPatchedError(GatedPatchError, ValueError):
     """An operation that needs a patched model got an unpatched one."""
+
+
+class GatedCheckpointError(GatedPatchError, ValueError):
+    """A gated checkpoint that cannot be saved, loaded or converted faithfully (e.g. gate tensors missing)."""

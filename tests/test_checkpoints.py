@@ -1,0 +1,202 @@
+"""Gated checkpoints: save_pretrained of a patched model, loading with the plugin, and the checks on gate tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, randomize_gates, tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import gated_patch
+from gated_patch import GateConfig, GatedCheckpointError, gate_config, is_patched, patch_model, unpatch_model
+from gated_patch.checkpoints import REMOTE_CODE_FILE
+from gated_patch.checkpoints.remote_code import imported_top_level_modules
+from gated_patch.core.attention import gated_pretrained_class
+
+IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+
+
+def gated_tiny(family, gate=None, seed=0, **overrides):
+    model = tiny_model(family, seed=seed, **overrides)
+    patch_model(model, gate or GateConfig())
+    randomize_gates(model, seed=seed + 1)
+    return model
+
+
+def load(path, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", **kwargs).eval()
+
+
+def expected_gate_names(gate: GateConfig, num_layers: int) -> set[str]:
+    layers = range(num_layers) if gate.layers is None else gate.layers
+    suffixes = ("weight", "bias") if gate.bias else ("weight",)
+    return {f"model.layers.{i}.self_attn.attn_gate.{s}" for i in layers for s in suffixes}
+
+
+def test_save_writes_gated_format(tmp_path, family):
+    gate = GateConfig(granularity="headwise", layers=[0, 2])
+    model = gated_tiny(family, gate)
+    model.save_pretrained(tmp_path)
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == f"gated_{family}"
+    assert GateConfig.from_dict(config["attn_output_gate"]) == gate
+    module = REMOTE_CODE_FILE[:-3]
+    cls = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3"}[family]
+    assert config["auto_map"] == {
+        "AutoConfig": f"{module}.Gated{cls}Config",
+        "AutoModelForCausalLM": f"{module}.Gated{cls}ForCausalLM",
+    }
+    with safe_open(tmp_path / "model.safetensors", "pt") as handle:
+        names = set(handle.keys())
+    assert {n for n in names if ".attn_gate." in n} == expected_gate_names(gate, 3)
+    # saving does not change the model in memory
+    assert model.config.model_type == family and "auto_map" not in model.config.__dict__
+    assert not (set(tmp_path.iterdir()) - {tmp_path / f for f in
+                ("config.json", "generation_config.json", "model.safetensors", REMOTE_CODE_FILE)})
+
+
+def test_remote_code_is_one_file_importing_only_torch_and_transformers(tmp_path):
+    texts = set()
+    for family in ("llama", "qwen3"):
+        gated_tiny(family).save_pretrained(tmp_path / family)
+        texts.add((tmp_path / family / REMOTE_CODE_FILE).read_text())
+    assert len(texts) == 1  # the same file for every checkpoint
+    source = texts.pop()
+    import sys
+
+    third_party = {m for m in imported_top_level_modules(source) if m not in sys.stdlib_module_names}
+    assert third_party <= {"torch", "transformers", "__future__"}
+    assert "gated_patch" not in {m for m in imported_top_level_modules(source)}
+
+
+def test_plugin_loads_the_patched_model(tmp_path, family):
+    gate = GateConfig(gate_input="attn_output", bias=False, layers=[1])
+    model = gated_tiny(family, gate, attn_implementation="eager")
+    reference = model(IDS).logits
+    model.save_pretrained(tmp_path)
+
+    loaded = load(tmp_path)
+    upstream = type(tiny_model(family))
+    assert type(loaded) is gated_pretrained_class(upstream)  # exactly what patch_model makes
+    assert type(loaded.config) is type(model.config) and loaded.config.model_type == family
+    assert is_patched(loaded) and gate_config(loaded) == gate
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    assert torch.equal(loaded(IDS).logits, reference)
+    unpatch_model(loaded)
+    assert type(loaded) is upstream and not hasattr(loaded.config, "attn_output_gate")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tied_low_precision_sharded_round_trip(tmp_path, dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in `dtype`, as from_pretrained builds it (rotary buffers stay float32)
+    try:
+        model = gated_tiny("llama", tie_word_embeddings=True)
+    finally:
+        torch.set_default_dtype(previous)
+    assert model.dtype == dtype
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reference = model(IDS).logits
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    loaded = load(tmp_path)
+    assert loaded.dtype == dtype
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    gates = dict(gated_patch.gate_parameters(loaded))
+    assert len(gates) == 6 and all(p.dtype == dtype for p in gates.values())
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    assert torch.equal(loaded(IDS).logits, reference)
+
+
+def _rewrite_weights(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_gate_tensor_is_an_error(tmp_path):
+    gated_tiny("llama").save_pretrained(tmp_path)
+    _rewrite_weights(tmp_path, lambda t: t.pop("model.layers.1.self_attn.attn_gate.weight"))
+    with pytest.raises(GatedCheckpointError, match=r"missing gate tensors.*layers\.1\.self_attn\.attn_gate\.weight"):
+        load(tmp_path)
+
+
+def test_wrong_shaped_gate_tensor_is_an_error(tmp_path):
+    gated_tiny("qwen2").save_pretrained(tmp_path)
+    name = "model.layers.2.self_attn.attn_gate.weight"
+    _rewrite_weights(tmp_path, lambda t: t.__setitem__(name, t[name][:4].contiguous()))
+    with pytest.raises(GatedCheckpointError, match=r"wrong-shaped gate tensors.*layers\.2\.self_attn\.attn_gate"):
+        load(tmp_path)
+
+
+def test_gate_tensors_without_a_place_are_an_error(tmp_path):
+    gated_tiny("llama").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["attn_output_gate"]["layers"] = [0]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GatedCheckpointError, match=r"no place for.*layers\.1\.self_attn\.attn_gate"):
+        load(tmp_path)
+
+
+def test_gated_checkpoint_without_gate_config_is_an_error(tmp_path):
+    gated_tiny("llama").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["attn_output_gate"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GatedCheckpointError, match="no 'attn_output_gate' entry"):
+        load(tmp_path)
+
+
+def test_saving_submodule_or_pushing_is_refused(tmp_path):
+    model = gated_tiny("llama")
+    with pytest.raises(GatedCheckpointError, match="whole causal LMs"):
+        model.model.save_pretrained(tmp_path / "inner")
+    with pytest.raises(GatedCheckpointError, match="gated-patch push"):
+        model.save_pretrained(tmp_path / "hub", push_to_hub=True)
+    assert not (tmp_path / "hub").exists() and not (tmp_path / "inner").exists()
+
+
+def test_unpatched_model_saves_plain(tmp_path):
+    model = gated_tiny("llama")
+    unpatch_model(model)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config and "attn_output_gate" not in config
+    assert not (tmp_path / REMOTE_CODE_FILE).exists()
+
+
+def test_from_config_builds_a_gated_model():
+    from gated_patch.checkpoints.remote_model import GatedQwen3Config
+
+    from conftest import tiny_config
+
+    config = GatedQwen3Config(**tiny_config("qwen3").to_dict())
+    config.attn_output_gate = GateConfig(granularity="headwise").to_dict()
+    model = AutoModelForCausalLM.from_config(config)
+    assert is_patched(model) and gate_config(model) == GateConfig(granularity="headwise")
+    assert model.config.model_type == "qwen3"
+    for name, parameter in gated_patch.gate_parameters(model):
+        assert torch.count_nonzero(parameter) == 0, name  # identity init, not the generic normal init
+
+
+@pytest.mark.parametrize("family_", FAMILIES[:1])
+def test_double_save_is_byte_identical(tmp_path, family_):
+    model = gated_tiny(family_)
+    model.save_pretrained(tmp_path / "a")
+    load(tmp_path / "a").save_pretrained(tmp_path / "b")
+    for name in ("config.json", "model.safetensors", REMOTE_CODE_FILE):
+        a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
+        if name == "config.json":
+            a, b = json.loads(a), json.loads(b)
+        assert a == b, name
