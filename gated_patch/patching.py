@@ -65,6 +65,25 @@ def _gated_attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]
             yield name, module
 
 
+def _gate_device(projection: nn.Module) -> torch.device:
+    """Where the gate of this output projection lives: with its weight, or, when accelerate has offloaded the weight
+    (meta tensor plus a hook that loads it at call time), on the hook's execution device. The gate is small and
+    stays resident there; a model built entirely on the meta device keeps meta gates."""
+    device = projection.weight.device
+    hook = getattr(projection, "_hf_hook", None)
+    execution_device = getattr(hook, "execution_device", None)
+    if device.type == "meta" and execution_device is not None:
+        return torch.device(execution_device)
+    return device
+
+
+def _rebind_accelerate_forward(attention: nn.Module) -> None:
+    """accelerate's hooks store the bound forward of the class at dispatch time in ``_old_forward``; after a class
+    swap it must point at the new class's forward, or the hook would silently bypass (or keep) the gate."""
+    if "_old_forward" in attention.__dict__:
+        attention._old_forward = type(attention).forward.__get__(attention)
+
+
 def is_patched(model: nn.Module) -> bool:
     """Whether `model` carries attention output gates inserted by `patch_model`."""
     return any(True for _ in _gated_attention_modules(model))
@@ -124,7 +143,7 @@ def patch_model(model: PreTrainedModel, config: GateConfigLike = None) -> PreTra
             bias=config.bias,
             init=config.init,
             init_std=init_std,
-            device=projection.weight.device,
+            device=_gate_device(projection),
             dtype=projection.weight.dtype,
         )
         attention.__class__ = gated_attention_class(type(attention))
@@ -133,6 +152,7 @@ def patch_model(model: PreTrainedModel, config: GateConfigLike = None) -> PreTra
         attention.output_projection_name = family.output_projection
         attention.add_module(GATE_MODULE_NAME, gate)
         install_output_projection_hook(projection)
+        _rebind_accelerate_forward(attention)
 
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
@@ -154,6 +174,7 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
         for attribute in ("gate_config", "gate_num_heads", "output_projection_name"):
             attention.__dict__.pop(attribute, None)
         attention.__class__ = original_class(type(attention))
+        _rebind_accelerate_forward(attention)
     for module in model.modules():
         if isinstance(module, GatedPreTrainedMixin):
             module.__class__ = original_class(type(module))

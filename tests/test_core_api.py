@@ -1,0 +1,291 @@
+"""The public API: GateConfig validation, patch/unpatch contract, registry, initialisation, devices, bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config
+
+import gated_patch as gp
+from gated_patch.compat import check_transformers_version
+from conftest import randomize_gates, tiny_config, tiny_model
+
+INPUT_IDS = torch.tensor([[5, 17, 42, 8, 91, 33, 12, 64, 7, 29]])
+
+
+# --- GateConfig ---------------------------------------------------------------------------------------------------
+
+
+def test_gate_config_defaults_follow_the_paper():
+    config = gp.GateConfig()
+    assert (config.granularity, config.gate_input, config.init, config.activation) == (
+        "elementwise", "hidden_states", "identity", "sigmoid"
+    )
+
+
+def test_gate_config_dict_round_trip():
+    config = gp.GateConfig(granularity="headwise", gate_input="attn_output", init="paper", bias=False, layers=[3, 1])
+    data = config.to_dict()
+    assert data["layers"] == [1, 3]
+    assert gp.GateConfig.from_dict(data) == config
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"granularity": "channelwise"}, "granularity"),
+        ({"init": "zeros"}, "init"),
+        ({"gate_input": "query"}, "gate_input"),
+        ({"activation": "relu"}, "activation"),
+        ({"bias": "yes"}, "bias"),
+        ({"layers": [0, -1]}, "layers"),
+        ({"layers": [1, 1]}, "duplicate"),
+        ({"layers": "0,1"}, "layers"),
+    ],
+)
+def test_gate_config_rejects_invalid_values(kwargs, fragment):
+    with pytest.raises(gp.GateConfigError, match=fragment):
+        gp.GateConfig(**kwargs)
+
+
+def test_gate_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(gp.GateConfigError, match="Unknown gate config keys"):
+        gp.GateConfig.from_dict({"granularity": "headwise", "gate_temperature": 2.0})
+
+
+# --- patch / unpatch contract ---------------------------------------------------------------------------------------
+
+
+def test_patch_is_in_place_idempotent_and_refuses_a_different_config():
+    model = tiny_model("llama")
+    assert gp.patch_model(model) is model
+    params = dict(model.named_parameters())
+    assert gp.patch_model(model, gp.GateConfig()) is model  # same config: no-op
+    assert dict(model.named_parameters()).keys() == params.keys()
+    with pytest.raises(gp.AlreadyPatchedError, match="unpatch_model"):
+        gp.patch_model(model, gp.GateConfig(granularity="headwise"))
+
+
+def test_introspection():
+    model = tiny_model("qwen3")
+    assert not gp.is_patched(model)
+    with pytest.raises(gp.NotPatchedError, match="patch_model"):
+        gp.gate_config(model)
+    gp.patch_model(model, {"granularity": "headwise", "layers": [1]})
+    assert gp.is_patched(model)
+    assert gp.gate_config(model) == gp.GateConfig(granularity="headwise", layers=[1])
+    names = [name for name, _ in gp.gate_parameters(model)]
+    assert names == ["model.layers.1.self_attn.attn_gate.weight", "model.layers.1.self_attn.attn_gate.bias"]
+    assert model.config.attn_output_gate == gp.GateConfig(granularity="headwise", layers=[1]).to_dict()
+
+
+def test_gate_module_name_cannot_collide_with_the_mlp_gate_proj():
+    model = gp.patch_model(tiny_model("llama"))
+    gate_modules = [name for name, module in model.named_modules() if isinstance(module, gp.AttentionGateLinear)]
+    assert gate_modules and all(name.endswith(".self_attn.attn_gate") for name in gate_modules)
+    assert not any(name.endswith("gate_proj") for name in gate_modules)
+    assert not any(name.endswith(".attn_gate") for name, m in model.named_modules() if "mlp" in name)
+
+
+def test_unpatch_restores_the_exact_original():
+    model = tiny_model("mistral")
+    original_state = copy.deepcopy(model.state_dict())
+    original_classes = {name: type(module) for name, module in model.named_modules()}
+    original_config = model.config.to_dict()
+    reference = model(INPUT_IDS).logits
+
+    gp.patch_model(model, gp.GateConfig(init="paper"))
+    randomize_gates(model)
+    gp.unpatch_model(model)
+
+    assert not gp.is_patched(model)
+    assert {name: type(module) for name, module in model.named_modules()} == original_classes
+    state = model.state_dict()
+    assert state.keys() == original_state.keys()
+    assert all(torch.equal(state[key], original_state[key]) for key in state)
+    assert model.config.to_dict() == original_config
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(model(INPUT_IDS).logits, reference)
+    with pytest.raises(gp.NotPatchedError):
+        gp.unpatch_model(model)
+
+
+def test_patched_model_is_an_instance_of_the_original_classes():
+    model = tiny_model("llama")
+    classes = {name: type(module) for name, module in model.named_modules()}
+    gp.patch_model(model)
+    for name, cls in classes.items():
+        assert isinstance(model.get_submodule(name), cls)
+
+
+# --- parameters survive moves, casts, state dicts and initialisation -------------------------------------------------
+
+
+def test_gate_parameters_follow_dtype_and_state_dict_round_trip():
+    model = gp.patch_model(tiny_model("qwen2"), gp.GateConfig(init="paper"))
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for _, p in gp.gate_parameters(model))
+    model.to(torch.float32)
+    state = model.state_dict()
+    assert any(".attn_gate." in key for key in state)
+
+    fresh = gp.patch_model(tiny_model("qwen2", seed=7), gp.GateConfig(init="paper"))
+    missing, unexpected = fresh.load_state_dict(state)
+    assert not missing and not unexpected
+    torch.testing.assert_close(fresh(INPUT_IDS).logits, model(INPUT_IDS).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("init", ["identity", "paper"])
+def test_transformers_weight_initialisation_applies_the_gate_init(init):
+    """transformers re-initialises weights through `_init_weights`; the generic nn.Linear rule (normal 0.02) must not
+    apply to gates: an identity gate stays exactly identity, a paper gate gets N(0, initializer_range) and zero bias."""
+    model = gp.patch_model(tiny_model("llama", num_hidden_layers=2, hidden_size=256, intermediate_size=64), {"init": init})
+    randomize_gates(model)
+    for parameter in model.parameters():
+        parameter.__dict__.pop("_is_hf_initialized", None)
+    for module in model.modules():
+        module.__dict__.pop("_is_hf_initialized", None)
+    model.initialize_weights()
+    weights = [p for name, p in gp.gate_parameters(model) if name.endswith("weight")]
+    biases = [p for name, p in gp.gate_parameters(model) if name.endswith("bias")]
+    assert all(torch.count_nonzero(b) == 0 for b in biases)
+    if init == "identity":
+        assert all(torch.count_nonzero(w) == 0 for w in weights)
+    else:
+        std = torch.cat([w.flatten() for w in weights]).std().item()
+        assert abs(std - model.config.initializer_range) < 0.002
+
+
+def test_gated_model_from_config_uses_the_paper_init_by_default():
+    config = tiny_config("llama", hidden_size=256, num_hidden_layers=2)
+    model = gp.gated_model_from_config(config)
+    assert gp.gate_config(model).init == "paper"
+    weights = torch.cat([p.flatten() for name, p in gp.gate_parameters(model) if name.endswith("weight")])
+    assert abs(weights.std().item() - config.initializer_range) < 0.002
+    identity = gp.gated_model_from_config(config, gp.GateConfig(init="identity"), attn_implementation="eager")
+    assert all(torch.count_nonzero(p) == 0 for _, p in gp.gate_parameters(identity))
+    assert identity.config._attn_implementation == "eager"
+
+
+def test_patch_on_meta_device_then_load_weights():
+    source = gp.patch_model(tiny_model("qwen3"), gp.GateConfig(granularity="headwise"))
+    randomize_gates(source)
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(tiny_config("qwen3"))
+    gp.patch_model(empty, gp.GateConfig(granularity="headwise"))
+    assert all(p.device.type == "meta" for _, p in gp.gate_parameters(empty))
+    empty.load_state_dict(source.state_dict(), assign=True)
+    empty.model.rotary_emb.to_empty(device="cpu")
+    empty.model.rotary_emb.inv_freq.copy_(source.model.rotary_emb.inv_freq)
+    empty.model.rotary_emb.original_inv_freq = source.model.rotary_emb.original_inv_freq
+    with torch.no_grad():
+        torch.testing.assert_close(empty.eval()(INPUT_IDS).logits, source(INPUT_IDS).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_memory", [None, "120KB"], ids=["in-memory", "disk-offload"])
+def test_device_map_auto_loaded_model(tmp_path, max_memory):
+    """accelerate's dispatch (device_map="auto"), including layers offloaded to disk whose forward runs through
+    accelerate hooks: the gate must be applied, not bypassed."""
+    source = tiny_model("llama")
+    source.save_pretrained(tmp_path / "ckpt")
+    options = {"max_memory": {"cpu": max_memory}, "offload_folder": tmp_path / "offload"} if max_memory else {}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map="auto", **options).eval()
+    if max_memory:
+        assert "disk" in model.hf_device_map.values()
+    with torch.no_grad():
+        reference = model(INPUT_IDS).logits
+        gp.patch_model(model)
+        assert (model(INPUT_IDS).logits - reference).abs().max().item() <= 1e-5
+        randomize_gates(model)
+        gp.patch_model(source)
+        randomize_gates(source)
+        expected = source(INPUT_IDS).logits
+        assert (expected - reference).abs().max().item() > 1e-3
+        assert (model(INPUT_IDS).logits - expected).abs().max().item() <= 1e-5
+        gp.unpatch_model(model)
+        assert (model(INPUT_IDS).logits - reference).abs().max().item() <= 1e-5
+
+
+# --- registry -------------------------------------------------------------------------------------------------------
+
+
+def test_builtin_model_types():
+    assert set(gp.registered_model_types()) >= {"llama", "qwen2", "mistral", "qwen3"}
+
+
+def test_unsupported_model_type_lists_supported_types_and_how_to_register():
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(gp.UnsupportedModelError) as info:
+        gp.patch_model(model)
+    message = str(info.value)
+    assert "'gpt2'" in message and "llama" in message and "register_model_type" in message
+
+
+def test_user_registers_a_new_family():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralAttention
+
+    config = MixtralConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(gp.UnsupportedModelError):
+        gp.patch_model(model)
+    gp.register_model_type("mixtral", MixtralAttention)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            gp.register_model_type("mixtral", MixtralAttention)
+        reference = model(INPUT_IDS).logits
+        gp.patch_model(model)
+        assert (model(INPUT_IDS).logits - reference).abs().max().item() <= 1e-5
+    finally:
+        gp.unregister_model_type("mixtral")
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+
+def test_layers_out_of_range():
+    model = tiny_model("llama")
+    with pytest.raises(gp.GateConfigError, match=r"out of range.*3 decoder layers"):
+        gp.patch_model(model, gp.GateConfig(layers=[0, 3]))
+    assert not gp.is_patched(model)
+
+
+def test_attention_without_the_expected_structure_is_refused():
+    class OddAttention(nn.Module):  # forward never calls o_proj
+        def __init__(self, hidden):
+            super().__init__()
+            self.head_dim = 16
+            self.o_proj = nn.Linear(hidden, hidden)
+
+        def forward(self, hidden_states, **kwargs):
+            return hidden_states, None
+
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        layer.self_attn = OddAttention(model.config.hidden_size)
+    model.config.model_type = "odd"
+    gp.register_model_type("odd", OddAttention)
+    try:
+        with pytest.raises(gp.UpstreamStructureError, match=r"calls self\.o_proj\(\.\.\.\) 0 times"):
+            gp.patch_model(model)
+    finally:
+        gp.unregister_model_type("odd")
+    assert not gp.is_patched(model)
+
+
+def test_attention_class_mismatch_is_refused():
+    model = tiny_model("llama")
+    model.config.model_type = "qwen2"  # registry says Qwen2Attention, the modules are LlamaAttention
+    with pytest.raises(gp.UpstreamStructureError, match="expected an instance of Qwen2Attention"):
+        gp.patch_model(model)
+
+
+def test_unsupported_transformers_version_is_refused():
+    with pytest.raises(gp.UpstreamStructureError, match="transformers 4.57.0 is installed"):
+        check_transformers_version("4.57.0")
+    check_transformers_version()  # the installed version is supported
