@@ -71,3 +71,16 @@ def test_demo_command_end_to_end(smollm2_dir):
     identity = float(out.split("max |logits(patched) - logits(original)| = ")[1].split()[0])
     assert identity <= 1e-5
     assert "greedy generation identical to the original: True" in out
+
+
+def test_readme_quick_start_runs():
+    """The README's Python quick start is executed as written (it asserts identity itself)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Quick start") :]
+    code = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
+    namespace: dict = {}
+    exec(compile(code, "README.md quick start", "exec"), namespace)
+    assert "model.layers.29.self_attn.attn_gate.weight" in namespace["gates"]
+    assert not namespace["gated_patch"].is_patched(namespace["model"])
