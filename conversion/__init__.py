@@ -1,0 +1,2 @@
+"""Command-line conversion scripts: ``gated-patch-convert`` and ``gated-patch-push`` (library code lives in
+``gated_patch.checkpoints``)."""

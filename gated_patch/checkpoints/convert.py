@@ -1,0 +1,617 @@
+"""Streaming checkpoint conversion: add gates to an upstream checkpoint, import fused gate layouts, export to them.
+
+The converter never loads a model. It plans the output shard by shard from the source headers (validating every
+source file first, so a truncated shard fails before anything is written), then writes each output shard one tensor
+at a time: shards whose tensors do not change are copied byte for byte, new gate tensors go to one extra shard, and
+the index is rewritten. Peak memory is about one tensor (see ``benchmarks/convert_memory.py``). The output is built
+in a temporary directory beside OUT and renamed into place at the end; SRC is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.attention import GATE_MODULE_NAME
+from ..core.config import GateConfig
+from ..core.errors import GatedCheckpointError
+from . import layouts
+from .format import auto_map, checkpoint_family, gated_model_type
+from .remote_code import REMOTE_CODE_FILE, write_remote_code
+from .remote_model import GATE_CONFIG_KEY, GATED_PREFIX
+from .tensor_files import DTYPE_NAMES, SourceShard, tensor_nbytes, write_safetensors
+
+SOURCE_LAYOUTS = ("auto", "plain", layouts.PAPER, layouts.QWEN3_NEXT)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_proj|o_proj|" + GATE_MODULE_NAME + r")\.(weight|bias)$")
+
+
+@dataclass
+class OutputShard:
+    entries: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)
+    producers: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    copy_from: Optional[SourceShard] = None
+    name: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor_nbytes(dtype, shape) for _, dtype, shape in self.entries)
+
+
+@dataclass
+class ConversionPlan:
+    """What a conversion will write; `describe` is what ``--dry-run`` prints."""
+
+    source: Path
+    source_name: str
+    base_model: Optional[str]
+    family: str
+    source_layout: str  # plain / paper / qwen3-next / plugin (a gated checkpoint)
+    target_layout: str  # plugin / paper / qwen3-next
+    gate: GateConfig
+    config: dict
+    shards: list[OutputShard]
+    extra_files: list[Path]
+    sources: list[SourceShard]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gate_tensors(self) -> list[str]:
+        return [name for shard in self.shards for name, _, _ in shard.entries if f".{GATE_MODULE_NAME}." in name]
+
+    def describe(self) -> str:
+        lines = [
+            f"source: {self.source_name} ({self.source}); model_type {self.config.get('model_type')!r} "
+            f"family {self.family!r}; layout {self.source_layout} -> {self.target_layout}",
+            f"gate: {self.gate.to_dict()}",
+            f"source weight files: {', '.join(s.path.name for s in self.sources)}",
+        ]
+        for shard in self.shards:
+            how = f"copy of {shard.copy_from.path.name}" if shard.copy_from else "written"
+            lines.append(f"  {shard.name}: {len(shard.entries)} tensors, {shard.nbytes / 2**20:.2f} MiB ({how})")
+        gates = self.gate_tensors
+        lines.append(f"gate tensors in output: {len(gates)}")
+        lines.append(f"other files: {', '.join(p.name for p in self.extra_files) or '-'}")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- source
+
+
+def resolve_source(
+    src: str,
+    *,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    allow_pickle: bool = False,
+    download: Optional[Callable] = None,
+) -> tuple[Path, Optional[str]]:
+    """``(local directory, Hub repo id or None)``. Existing local paths never touch the network."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise GatedCheckpointError(f"SRC {src}: is a file; pass the checkpoint directory that holds config.json.")
+        return path.resolve(), None
+    if _REPO_ID.match(src) and not src.startswith((".", "~")):
+        if download is None:
+            from huggingface_hub import snapshot_download as download
+        patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+        try:
+            local = download(repo_id=src, revision=revision, token=token, allow_patterns=patterns)
+        except Exception as exc:  # noqa: BLE001 - any download failure: say what and how to fix
+            raise GatedCheckpointError(
+                f"SRC {src}: not a local directory, and downloading it from the Hub failed "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())}). Check the path, or the repo id, network and "
+                "token (HF_TOKEN or `hf auth login`)."
+            ) from exc
+        return Path(local), src
+    raise GatedCheckpointError(
+        f"SRC {src}: no such directory. Pass a local checkpoint directory or a Hub repo id (owner/name)."
+    )
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GatedCheckpointError(f"{path}: not found; {what}.") from None
+    except (OSError, ValueError) as exc:
+        raise GatedCheckpointError(f"{path}: cannot read it as JSON ({exc}); fix or re-download the file.") from exc
+    if not isinstance(data, dict):
+        raise GatedCheckpointError(f"{path}: expected a JSON object; fix or re-download the file.")
+    return data
+
+
+def _weight_files(source: Path, allow_pickle: bool) -> tuple[list[SourceShard], dict[str, SourceShard]]:
+    """The source weight files (validated) and a map tensor name -> shard."""
+    single, index = source / "model.safetensors", source / "model.safetensors.index.json"
+    pickled_single, pickled_index = source / "pytorch_model.bin", source / "pytorch_model.bin.index.json"
+    if single.exists():  # transformers gives model.safetensors precedence over an index
+        files, weight_map = [single], None
+    elif index.exists():
+        weight_map = _read_json(index, "the sharded checkpoint's index is missing").get("weight_map")
+        files = None
+    elif pickled_single.exists() or pickled_index.exists():
+        if not allow_pickle:
+            bad = pickled_single if pickled_single.exists() else pickled_index
+            raise GatedCheckpointError(
+                f"{bad}: pickled PyTorch weights are refused (loading them can run arbitrary code). Convert the "
+                "checkpoint to safetensors, or pass --allow-pickle if you trust it."
+            )
+        if pickled_single.exists():
+            files, weight_map = [pickled_single], None
+        else:
+            weight_map = _read_json(pickled_index, "the sharded checkpoint's index is missing").get("weight_map")
+            files = None
+    else:
+        raise GatedCheckpointError(
+            f"{source}: no model.safetensors or model.safetensors.index.json; SRC must be a transformers checkpoint "
+            "with safetensors weights."
+        )
+    if weight_map is not None:
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise GatedCheckpointError(f"{source}: the index has no weight_map; fix or re-download it.")
+        files = [source / name for name in dict.fromkeys(weight_map.values())]
+    shards = []
+    for path in files:
+        if not path.exists():
+            raise GatedCheckpointError(f"{path}: listed in the index but missing; download the complete checkpoint.")
+        shards.append(SourceShard(path, allow_pickle=allow_pickle))
+    by_name: dict[str, SourceShard] = {}
+    for shard in shards:
+        for name in shard.entries:
+            by_name[name] = shard
+    if weight_map is not None:
+        for name, file in weight_map.items():
+            if by_name.get(name) is None or by_name[name].path.name != file:
+                raise GatedCheckpointError(
+                    f"{source / file}: does not contain {name!r} listed in the index; the checkpoint is incomplete. "
+                    "Download it again."
+                )
+    return shards, by_name
+
+
+def _extra_files(source: Path) -> list[Path]:
+    """Top-level files carried along (tokenizer, generation config, chat template, license, ...)."""
+    keep = []
+    for path in sorted(source.iterdir()):
+        name = path.name
+        if not path.is_file() or name.startswith(".") or name in ("config.json", "README.md"):
+            continue
+        if name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json") or name.endswith(".py"):
+            continue
+        keep.append(path)
+    return keep
+
+
+# ------------------------------------------------------------------------------------------------------------- plan
+
+
+def plan_conversion(
+    source: Path,
+    gate: Optional[GateConfig] = None,
+    *,
+    source_name: Optional[str] = None,
+    base_model: Optional[str] = None,
+    source_layout: str = "auto",
+    target_layout: str = layouts.PLUGIN,
+    allow_pickle: bool = False,
+    seed: int = 0,
+) -> ConversionPlan:
+    """Read `source`'s config and weight headers and decide what to write (writes nothing)."""
+    source = Path(source)
+    if source_layout not in SOURCE_LAYOUTS:
+        raise GatedCheckpointError(f"Unknown source layout {source_layout!r}; choose one of {list(SOURCE_LAYOUTS)}.")
+    if target_layout not in layouts.LAYOUTS:
+        raise GatedCheckpointError(f"Unknown target layout {target_layout!r}; choose one of {list(layouts.LAYOUTS)}.")
+    config = _read_json(source / "config.json", "SRC must be a transformers checkpoint directory")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise GatedCheckpointError(f"{source / 'config.json'}: no model_type; SRC must be a transformers checkpoint.")
+    family = checkpoint_family(model_type)[0].model_type
+    shape = layouts.AttentionShape.from_config(config)
+    num_layers = config["num_hidden_layers"]
+    notes: list[str] = []
+
+    if model_type.startswith(GATED_PREFIX):
+        if target_layout == layouts.PLUGIN:
+            raise GatedCheckpointError(
+                f"{source}: already a gated checkpoint (model_type {model_type!r}); nothing to convert. Pass "
+                "--target-layout paper or qwen3-next to export it to a fused layout."
+            )
+        if source_layout not in ("auto",):
+            raise GatedCheckpointError(f"{source}: a gated checkpoint has the plugin layout; drop --source-layout.")
+        detected = layouts.PLUGIN
+        gate = GateConfig.from_dict(config[GATE_CONFIG_KEY])
+        layouts.check_exportable(gate, num_layers, target_layout)
+    else:
+        if target_layout != layouts.PLUGIN:
+            raise GatedCheckpointError(
+                f"{source}: exporting to the {target_layout} layout needs a gated checkpoint. Convert SRC first "
+                "(gated-patch-convert SRC GATED --init paper --no-bias), train it, then export GATED."
+            )
+        flagged = layouts.paper_granularity(config)
+        detected = source_layout
+        if source_layout == "auto":
+            detected = layouts.PAPER if flagged else "plain"
+        if detected == layouts.PAPER and not flagged:
+            raise GatedCheckpointError(
+                f"{source / 'config.json'}: --source-layout paper, but neither elementwise_attn_output_gate nor "
+                "headwise_attn_output_gate is true; set the flag the checkpoint was trained with."
+            )
+        if detected != layouts.PAPER and flagged:
+            raise GatedCheckpointError(
+                f"{source / 'config.json'}: sets {layouts.PAPER_FLAGS[flagged]}, i.e. the paper layout, not "
+                f"{detected}; drop --source-layout or pass --source-layout paper."
+            )
+    shards, by_name = _weight_files(source, allow_pickle)
+
+    def q_name(i, kind):
+        return f"model.layers.{i}.self_attn.q_proj.{kind}"
+
+    def gate_name(i, kind):
+        return f"model.layers.{i}.self_attn.{GATE_MODULE_NAME}.{kind}"
+
+    def entry(name):
+        if name not in by_name:
+            raise GatedCheckpointError(f"{source}: the weights have no tensor {name!r}; is SRC a complete {family} checkpoint?")
+        return by_name[name].entries[name]
+
+    def read(name):
+        return by_name[name].get(name)
+
+    out_config = {k: v for k, v in config.items() if k not in layouts.PAPER_FLAGS.values()}
+    replaced: dict[str, list[tuple[str, str, tuple, Callable]]] = {}  # source tensor -> its output tensors
+    dropped: set[str] = set()
+    extra_gates: list[tuple[str, str, tuple, Callable]] = []
+
+    if detected in (layouts.PAPER, layouts.QWEN3_NEXT):  # import a fused layout
+        granularity = layouts.paper_granularity(config) if detected == layouts.PAPER else "elementwise"
+        has_bias = q_name(0, "bias") in by_name
+        gate = layouts.imported_gate_config(granularity, has_bias)
+        for i in range(num_layers):
+            for kind in ("weight", "bias") if has_bias else ("weight",):
+                dtype, fused_shape = entry(q_name(i, kind))
+                if fused_shape[0] != shape.fused_rows(granularity):
+                    raise GatedCheckpointError(
+                        f"{by_name[q_name(i, kind)].path}: {q_name(i, kind)} has {fused_shape[0]} rows; the {detected} "
+                        f"layout ({granularity}) needs {shape.fused_rows(granularity)}. Check --source-layout."
+                    )
+                rest = tuple(fused_shape[1:])
+
+                def part(index, name=q_name(i, kind)):
+                    return lambda: layouts.split_fused(read(name), detected, granularity, shape)[index]
+
+                replaced[q_name(i, kind)] = [
+                    (q_name(i, kind), dtype, (shape.num_heads * shape.head_dim, *rest), part(0)),
+                    (gate_name(i, kind), dtype, (shape.gate_rows(granularity), *rest), part(1)),
+                ]
+        notes.append(f"imported {detected} layout: GateConfig(granularity={granularity!r}, init='paper', bias={has_bias})")
+    elif detected == "plain":  # add new gates
+        if gate is None:
+            gate = GateConfig()
+        if any(f".{GATE_MODULE_NAME}." in name for name in by_name):
+            raise GatedCheckpointError(f"{source}: has gate tensors but model_type {model_type!r}; it is not a plain checkpoint.")
+        if entry(q_name(0, "weight"))[1][0] != shape.num_heads * shape.head_dim:
+            raise GatedCheckpointError(
+                f"{by_name[q_name(0, 'weight')].path}: q_proj has {entry(q_name(0, 'weight'))[1][0]} rows, not "
+                f"heads*head_dim={shape.num_heads * shape.head_dim}: a fused gate layout? Pass --source-layout "
+                "qwen3-next (per head [query | gate]) or set the paper flag in config.json."
+            )
+        std = config.get("initializer_range") or 0.02
+        in_features = shape.hidden_size if gate.gate_input == "hidden_states" else shape.num_heads * shape.head_dim
+        rows = shape.gate_rows(gate.granularity)
+        for i in gate.layer_indices(num_layers):
+            dtype = entry(f"model.layers.{i}.self_attn.o_proj.weight")[0]
+            torch_dtype = {v: k for k, v in DTYPE_NAMES.items()}[dtype]
+
+            def weight(layer=i, torch_dtype=torch_dtype):
+                if gate.init == "identity":
+                    return torch.zeros(rows, in_features, dtype=torch_dtype)
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+                return torch.empty(rows, in_features).normal_(0.0, std, generator=generator).to(torch_dtype)
+
+            extra_gates.append((gate_name(i, "weight"), dtype, (rows, in_features), weight))
+            if gate.bias:
+                extra_gates.append((gate_name(i, "bias"), dtype, (rows,), lambda d=torch_dtype: torch.zeros(rows, dtype=d)))
+    else:  # export the plugin layout to a fused one
+        granularity = gate.granularity
+        for i in range(num_layers):
+            has_q_bias = q_name(i, "bias") in by_name
+            if gate.bias:
+                gate_bias = read(gate_name(i, "bias"))
+                if not has_q_bias and torch.count_nonzero(gate_bias):
+                    raise GatedCheckpointError(
+                        f"{by_name[gate_name(i, 'bias')].path}: {gate_name(i, 'bias')} is non-zero, but q_proj has no "
+                        f"bias, so the {target_layout} layout cannot hold it. Only gates without bias (or with an "
+                        "all-zero bias) are exportable when q_proj has no bias."
+                    )
+                dropped.add(gate_name(i, "bias"))
+            dropped.add(gate_name(i, "weight"))
+            for kind in ("weight", "bias") if has_q_bias else ("weight",):
+                dtype, q_shape = entry(q_name(i, kind))
+                rest = tuple(q_shape[1:])
+
+                def fused(layer=i, kind=kind, dtype=dtype):
+                    query = read(q_name(layer, kind))
+                    if kind == "bias" and not gate.bias:
+                        gate_part = torch.zeros(shape.gate_rows(granularity), dtype=query.dtype)
+                    else:
+                        gate_part = read(gate_name(layer, kind)).to(query.dtype)
+                    return layouts.fuse(query, gate_part, target_layout, granularity, shape)
+
+                replaced[q_name(i, kind)] = [(q_name(i, kind), dtype, (shape.fused_rows(granularity), *rest), fused)]
+        for key in (GATE_CONFIG_KEY, "auto_map"):
+            out_config.pop(key, None)
+        upstream_config, upstream_model, _, _ = checkpoint_family(family)
+        out_config["model_type"] = family
+        out_config["architectures"] = [upstream_model.__name__]
+        if target_layout == layouts.PAPER:
+            for granularity_name, flag in layouts.PAPER_FLAGS.items():
+                out_config[flag] = granularity_name == granularity
+
+    if target_layout == layouts.PLUGIN:
+        gated_config = checkpoint_family(family)[2]
+        previous = {k: v for k, v in (config.get("auto_map") or {}).items()
+                    if not (k == "AutoConfig" or k.startswith("AutoModel"))}
+        if config.get("auto_map") and previous != config.get("auto_map"):
+            notes.append("dropped the source's own modeling code (auto_map) in favour of the gated remote code")
+        out_config.update(
+            model_type=gated_model_type(family),
+            architectures=[f"Gated{gated_config.__name__[len('Gated'):-len('Config')]}ForCausalLM"],
+            auto_map={**previous, **auto_map(family)},
+        )
+        out_config[GATE_CONFIG_KEY] = gate.to_dict()
+
+    # ---- output shards, in source order; unchanged shards are byte copies
+    out_shards: list[OutputShard] = []
+    for shard in shards:
+        out = OutputShard()
+        changed = not shard.is_safetensors
+        for name, (dtype, tshape) in shard.entries.items():
+            if name in dropped:
+                changed = True
+                continue
+            if name in replaced:
+                changed = True
+                for out_name, out_dtype, out_shape, produce in replaced[name]:
+                    out.entries.append((out_name, out_dtype, out_shape))
+                    out.producers[out_name] = produce
+            else:
+                out.entries.append((name, dtype, tshape))
+                out.producers[name] = lambda shard=shard, name=name: shard.get(name)
+        if not changed:
+            out.copy_from = shard
+        if out.entries:
+            out_shards.append(out)
+    if extra_gates:
+        out = OutputShard()
+        for name, dtype, tshape, produce in extra_gates:
+            out.entries.append((name, dtype, tshape))
+            out.producers[name] = produce
+        out_shards.append(out)
+    for index, shard in enumerate(out_shards, start=1):
+        shard.name = f"model-{index:05d}-of-{len(out_shards):05d}.safetensors"
+
+    return ConversionPlan(
+        source=source,
+        source_name=source_name or str(source),
+        base_model=base_model,
+        family=family,
+        source_layout=detected,
+        target_layout=target_layout,
+        gate=gate,
+        config=out_config,
+        shards=out_shards,
+        extra_files=_extra_files(source),
+        sources=shards,
+        notes=notes,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------ write
+
+
+def _check_output(source: Path, out: Path, overwrite: bool) -> None:
+    out_abs, source_abs = out.resolve(), source.resolve()
+    if out_abs == source_abs or source_abs in out_abs.parents or out_abs in source_abs.parents:
+        raise GatedCheckpointError(f"OUT {out}: overlaps SRC {source}; choose an output directory outside SRC.")
+    if out.exists() and not overwrite:
+        raise GatedCheckpointError(f"OUT {out}: already exists; choose another directory or pass --overwrite.")
+    if not out_abs.parent.is_dir():
+        raise GatedCheckpointError(f"OUT {out}: parent directory {out_abs.parent} does not exist; create it first.")
+
+
+def write_plan(plan: ConversionPlan, out: Path, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Write the planned checkpoint to `out` atomically (temporary directory beside it, renamed at the end)."""
+    from .model_card import exported_model_card, gated_model_card
+
+    out = Path(out)
+    _check_output(plan.source, out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT gets the usual directory mode
+        weight_map, total_size, total_parameters = {}, 0, 0
+        bar = tqdm(total=sum(s.nbytes for s in plan.shards), unit="B", unit_scale=True, desc="converting",
+                   disable=not progress)
+        with bar:
+            for shard in plan.shards:
+                bar.set_postfix_str(shard.name)
+                if shard.copy_from is not None:
+                    shutil.copyfile(shard.copy_from.path, tmp / shard.name)
+                else:
+                    write_safetensors(tmp / shard.name, shard.entries, lambda n, s=shard: s.producers[n]())
+                for name, dtype, tshape in shard.entries:
+                    weight_map[name] = shard.name
+                    numel = 1
+                    for dim in tshape:
+                        numel *= dim
+                    total_parameters += numel
+                total_size += shard.nbytes
+                bar.update(shard.nbytes)
+        index = {"metadata": {"total_size": total_size, "total_parameters": total_parameters}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        for path in plan.extra_files:
+            shutil.copyfile(path, tmp / path.name)
+        if plan.target_layout == layouts.PLUGIN:
+            write_remote_code(tmp)
+            card = gated_model_card(plan.base_model, plan.source_name, plan.gate, plan.source_layout)
+        else:
+            card = exported_model_card(plan.source_name, plan.gate, plan.target_layout)
+        card.save(tmp / "README.md")
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for shard in plan.sources:
+            shard.close()
+    return out
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+        os.replace(out, trash / "old")
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------------------------------------- verify
+
+VERIFY_PROMPT = "The Python language reference describes"
+
+
+def verify_conversion(plan: ConversionPlan, out: Path) -> str:
+    """Check the written checkpoint against its source; returns a one-line summary, raises on a mismatch.
+
+    Plain source: every upstream tensor is unchanged and (identity gates) the logits on a prompt are equal.
+    Fused layouts: converting the result back gives the source tensors bit for bit.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    if plan.source_layout == "plain":
+        source_model = AutoModelForCausalLM.from_pretrained(plan.source).eval()
+        result = AutoModelForCausalLM.from_pretrained(out).eval()
+        source_state, result_state = source_model.state_dict(), result.state_dict()
+        changed = [k for k in source_state if not torch.equal(source_state[k], result_state[k])]
+        if changed or set(result_state) - set(source_state) != set(plan.gate_tensors):
+            raise GatedCheckpointError(f"verify: {out} differs from {plan.source} in {changed[:5]}; please report this.")
+        ids = _prompt_ids(out, source_model.config.vocab_size)
+        with torch.no_grad():
+            diff = (source_model(ids).logits - result(ids).logits).abs().max().item()
+        if plan.gate.init == "identity" and diff != 0.0:
+            raise GatedCheckpointError(f"verify: identity gates changed the logits (max |diff| {diff:g}); please report this.")
+        return f"verify: OK, upstream tensors identical, max |logit diff| on the prompt {diff:g} (init={plan.gate.init})"
+    # fused layouts: round trip the tensors through the inverse conversion
+    back_layout = plan.source_layout if plan.target_layout == layouts.PLUGIN else layouts.PLUGIN
+    shape = layouts.AttentionShape.from_config(plan.config)
+    out_shards, out_names = _weight_files(out, allow_pickle=False)
+    _, src_names = _weight_files(plan.source, allow_pickle=True)
+    granularity = plan.gate.granularity
+    checked = 0
+    for name, shard in src_names.items():
+        expected = shard.get(name)
+        match = _LAYER.match(name)
+        if back_layout == layouts.PLUGIN and match and match.group(2) == GATE_MODULE_NAME:
+            continue  # checked together with q_proj below
+        if match and match.group(2) == "q_proj":
+            query_name = name
+            gate_name = name.replace(".q_proj.", f".{GATE_MODULE_NAME}.")
+            if back_layout == layouts.PLUGIN:  # result is fused: split it back
+                query, gate_part = layouts.split_fused(out_names[query_name].get(query_name), plan.target_layout,
+                                                       granularity, shape)
+                same = torch.equal(query, expected) and (
+                    gate_name not in src_names or torch.equal(gate_part, src_names[gate_name].get(gate_name))
+                )
+            else:  # result is the plugin layout: fuse it back
+                gate_part = out_names[gate_name].get(gate_name)
+                same = torch.equal(
+                    layouts.fuse(out_names[query_name].get(query_name), gate_part, back_layout, granularity, shape), expected
+                )
+        else:
+            same = torch.equal(out_names[name].get(name), expected)
+        if not same:
+            raise GatedCheckpointError(f"verify: {name} does not round-trip exactly; please report this.")
+        checked += 1
+    for shard in out_shards:
+        shard.close()
+    return f"verify: OK, {checked} source tensors round-trip exactly through the {back_layout} layout"
+
+
+def _prompt_ids(path: Path, vocab_size: int) -> torch.Tensor:
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)(VERIFY_PROMPT, return_tensors="pt").input_ids
+    except Exception:  # noqa: BLE001 - no (loadable) tokenizer: a fixed token sequence still checks identity
+        return torch.arange(1, 17).remainder(vocab_size).unsqueeze(0)
+
+
+# -------------------------------------------------------------------------------------------------------- top level
+
+
+def convert(
+    src: str,
+    out: str | os.PathLike,
+    gate: Optional[GateConfig] = None,
+    *,
+    source_layout: str = "auto",
+    target_layout: str = layouts.PLUGIN,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    verify: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    download: Optional[Callable] = None,
+    log: Callable[[str], None] = print,
+) -> ConversionPlan:
+    """Convert `src` (local directory or Hub id) into `out`; see the module docstring and ``gated-patch-convert -h``."""
+    source, repo_id = resolve_source(src, revision=revision, token=token, allow_pickle=allow_pickle, download=download)
+    out = Path(out)
+    if not dry_run:
+        _check_output(source, out, overwrite)
+    base_model = repo_id
+    if base_model is None:
+        name = _read_json(source / "config.json", "SRC must be a transformers checkpoint directory").get("_name_or_path")
+        base_model = name if isinstance(name, str) and _REPO_ID.match(name) else None
+    plan = plan_conversion(
+        source, gate, source_name=src, base_model=base_model, source_layout=source_layout,
+        target_layout=target_layout, allow_pickle=allow_pickle, seed=seed,
+    )
+    log(plan.describe())
+    if dry_run:
+        log(f"dry run: nothing written (OUT would be {out})")
+        for shard in plan.sources:
+            shard.close()
+        return plan
+    write_plan(plan, out, overwrite=overwrite, progress=progress)
+    log(f"wrote {out}")
+    if verify:
+        try:
+            log(verify_conversion(plan, out))
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)  # a result that fails verification is not left behind
+            raise
+    return plan

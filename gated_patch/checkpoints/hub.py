@@ -1,0 +1,83 @@
+"""Upload a converted (or saved) gated checkpoint to the Hugging Face Hub with `huggingface_hub.HfApi`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from ..core.errors import GatedCheckpointError
+from .remote_code import REMOTE_CODE_FILE
+from .remote_model import GATE_CONFIG_KEY, GATED_PREFIX
+
+
+def check_pushable(folder: Path) -> dict:
+    """The config of a complete gated checkpoint directory; a clear error otherwise."""
+    config_path = folder / "config.json"
+    if not folder.is_dir():
+        raise GatedCheckpointError(f"{folder}: no such directory; pass the directory written by gated-patch-convert.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GatedCheckpointError(f"{config_path}: cannot read ({exc}); pass a checkpoint directory.") from exc
+    model_type = str(config.get("model_type"))
+    if model_type.startswith(GATED_PREFIX):
+        missing = [name for name in ("model.safetensors.index.json", REMOTE_CODE_FILE) if not (folder / name).exists()]
+        if (folder / "model.safetensors").exists() and "model.safetensors.index.json" in missing:
+            missing.remove("model.safetensors.index.json")
+        if GATE_CONFIG_KEY not in config:
+            missing.append(f"config.json:{GATE_CONFIG_KEY}")
+        if missing:
+            raise GatedCheckpointError(
+                f"{folder}: incomplete gated checkpoint (missing {missing}); re-run gated-patch-convert or "
+                "model.save_pretrained."
+            )
+    elif not _is_exported(folder):
+        raise GatedCheckpointError(
+            f"{folder}: model_type {model_type!r} is not a gated checkpoint; convert it first (gated-patch-convert)."
+        )
+    return config
+
+
+def _is_exported(folder: Path) -> bool:
+    """A checkpoint exported by gated_patch to a fused gate layout (its model card says so)."""
+    try:
+        return "gate-layout-" in (folder / "README.md").read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: Optional[bool] = None,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+    token: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    api: Any = None,
+) -> Any:
+    """Create `repo_id` if needed (and branch `revision`), then upload `folder` in one commit.
+
+    `token` defaults to the usual huggingface_hub resolution (``HF_TOKEN``, ``hf auth login``). `api` may be an
+    ``HfApi`` instance (tests inject a mock). Returns the ``upload_folder`` result (commit info or PR URL).
+    """
+    folder = Path(folder)
+    config = check_pushable(folder)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id=repo_id, repo_type="model", branch=revision, exist_ok=True)
+    message = commit_message or f"Upload gated checkpoint ({config.get('model_type')}) with gated_patch"
+    return api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(folder),
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=message,
+    )
