@@ -11,12 +11,14 @@ Example::
 from .measure import (
     FIRST_TOKEN_NOTE,
     MAX_ACTIVATION_NOTE,
+    UNIFORM_NOTE,
     Inspection,
     LayerStats,
     default_text,
     inspect_model,
     token_windows,
     tokenize_for_inspection,
+    uniform_first_token_share,
 )
 from .probes import GATE_THRESHOLDS, eager_attention
 from .report import format_layer_table, format_summary_table, plot_inspections, write_json
@@ -25,6 +27,7 @@ __all__ = [
     "FIRST_TOKEN_NOTE",
     "GATE_THRESHOLDS",
     "MAX_ACTIVATION_NOTE",
+    "UNIFORM_NOTE",
     "Inspection",
     "LayerStats",
     "default_text",
@@ -35,5 +38,6 @@ __all__ = [
     "plot_inspections",
     "token_windows",
     "tokenize_for_inspection",
+    "uniform_first_token_share",
     "write_json",
 ]

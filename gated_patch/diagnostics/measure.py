@@ -18,6 +18,10 @@ FIRST_TOKEN_NOTE = (
     "positions 1..T-1 (query 0 is excluded: it can only attend to itself)"
 )
 MAX_ACTIVATION_NOTE = "massive activation (M-Act): max |value| of each decoder layer's output hidden state"
+UNIFORM_NOTE = (
+    "uniform reference: the F-Attn that uniform causal attention would give on the same windows (mean of 1/(q+1)); "
+    "values well above it mean a first-token attention sink"
+)
 
 
 def default_text(num_chars: int = 24_000, start_topic: str = "assert") -> str:
@@ -61,7 +65,8 @@ class Inspection:
     window: int
     num_windows: int
     layers: list[LayerStats] = field(default_factory=list)
-    notes: list[str] = field(default_factory=lambda: [FIRST_TOKEN_NOTE, MAX_ACTIVATION_NOTE])
+    uniform_first_token_share: float = float("nan")
+    notes: list[str] = field(default_factory=lambda: [FIRST_TOKEN_NOTE, MAX_ACTIVATION_NOTE, UNIFORM_NOTE])
 
     @property
     def first_token_share_mean(self) -> float:
@@ -98,6 +103,7 @@ class Inspection:
             "first_token_share_mean": self.first_token_share_mean,
             "first_token_share_max": share_max,
             "first_token_share_max_layer": share_layer,
+            "uniform_first_token_share": self.uniform_first_token_share,
             "max_abs_activation": act_max,
             "max_abs_activation_layer": act_layer,
             "gate_mean": self.gate_mean,
@@ -108,6 +114,12 @@ class Inspection:
         data = asdict(self)
         data["summary"] = self.summary()
         return data
+
+
+def uniform_first_token_share(window_lengths: Sequence[int]) -> float:
+    """F-Attn of uniform causal attention: query q (1..T-1) puts 1/(q+1) on position 0; averaged over all queries."""
+    total = sum(1.0 / (q + 1) for length in window_lengths for q in range(1, length))
+    return total / sum(length - 1 for length in window_lengths)
 
 
 def token_windows(token_ids: Sequence[int], window: int, min_length: int = 2) -> list[list[int]]:
@@ -197,6 +209,7 @@ def inspect_model(
         window=window,
         num_windows=len(windows),
         layers=layers,
+        uniform_first_token_share=uniform_first_token_share([len(w) for w in windows]),
     )
     if any(math.isnan(l.first_token_share) for l in layers):
         raise RuntimeError("Attention weights contain NaN; the model's forward produced non-finite values.")

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .measure import FIRST_TOKEN_NOTE, MAX_ACTIVATION_NOTE, Inspection
+from .measure import FIRST_TOKEN_NOTE, MAX_ACTIVATION_NOTE, UNIFORM_NOTE, Inspection
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -19,7 +19,8 @@ def format_layer_table(result: Inspection) -> str:
     header = f"{'layer':>5} {'F-Attn':>7} {'M-Act':>9} {'@pos':>5} {'gate':>6} {'<0.1':>6} {'<0.01':>6} {'|Y|':>8} {'|Y*g|':>8}"
     lines = [
         f"== {result.label}: {result.model_type}, {result.num_tokens} tokens in {result.num_windows} windows of "
-        f"<= {result.window} (attention implementation {result.attn_implementation!r}, read in eager)",
+        f"<= {result.window} (attention implementation {result.attn_implementation!r}, read in eager); "
+        f"F-Attn excludes query 0; uniform-attention F-Attn {result.uniform_first_token_share:.4f}",
         header,
     ]
     for l in result.layers:
@@ -51,7 +52,12 @@ def format_summary_table(results: Sequence[Inspection], extra: Optional[dict[str
         )
         row += "".join(f" {_fmt(extra.get(r.label, {}).get(c), '12.4f'):>12}" for c in columns)
         lines.append(row)
-    lines += [f"note: {FIRST_TOKEN_NOTE}", f"note: {MAX_ACTIVATION_NOTE}"]
+    uniform = sorted({round(r.uniform_first_token_share, 4) for r in results})
+    lines += [
+        f"note: {FIRST_TOKEN_NOTE}",
+        f"note: {MAX_ACTIVATION_NOTE}",
+        f"note: {UNIFORM_NOTE}: {', '.join(f'{u:.4f}' for u in uniform)}",
+    ]
     return "\n".join(lines)
 
 
