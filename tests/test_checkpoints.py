@@ -162,7 +162,7 @@ def test_saving_submodule_or_pushing_is_refused(tmp_path):
     model = gated_tiny("llama")
     with pytest.raises(GatedCheckpointError, match="whole causal LMs"):
         model.model.save_pretrained(tmp_path / "inner")
-    with pytest.raises(GatedCheckpointError, match="gated-patch push"):
+    with pytest.raises(GatedCheckpointError, match="gated-patch-push DIR"):
         model.save_pretrained(tmp_path / "hub", push_to_hub=True)
     assert not (tmp_path / "hub").exists() and not (tmp_path / "inner").exists()
 

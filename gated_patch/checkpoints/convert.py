@@ -163,7 +163,7 @@ def _weight_files(source: Path, allow_pickle: bool) -> tuple[list[SourceShard], 
     if weight_map is not None:
         if not isinstance(weight_map, dict) or not weight_map:
             raise GatedCheckpointError(f"{source}: the index has no weight_map; fix or re-download it.")
-        files = [source / name for name in dict.fromkeys(weight_map.values())]
+        files = [source / name for name in sorted(set(weight_map.values()))]
     shards = []
     for path in files:
         if not path.exists():
@@ -463,6 +463,8 @@ def write_plan(plan: ConversionPlan, out: Path, *, overwrite: bool = False, prog
                     total_parameters += numel
                 total_size += shard.nbytes
                 bar.update(shard.nbytes)
+                for source_shard in plan.sources:  # unmap what this shard read: peak memory stays ~ one shard
+                    source_shard.close()
         index = {"metadata": {"total_size": total_size, "total_parameters": total_parameters}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")

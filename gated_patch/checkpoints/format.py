@@ -58,7 +58,7 @@ def save_gated_pretrained(model, plain_save, save_directory, *args: Any, **kwarg
     if kwargs.get("push_to_hub"):
         raise GatedCheckpointError(
             "save_pretrained(push_to_hub=True) is not supported for gated models (the remote code would not be "
-            "uploaded). Save to a directory, then upload it: `gated-patch push DIR --repo-id REPO`."
+            "uploaded). Save to a directory, then upload it: `gated-patch-push DIR --repo-id REPO`."
         )
     config = model.config
     upstream_config, upstream_model, gated_config, _ = checkpoint_family(config.model_type)

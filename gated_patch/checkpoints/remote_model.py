@@ -48,7 +48,7 @@ def gate_config_of(config: Any, where: str = "config") -> GateConfig:
         raise GatedCheckpointError(
             f"{where} has model_type {getattr(config, 'model_type', None)!r} but no {GATE_CONFIG_KEY!r} entry, so the "
             "gate layout is unknown. Re-save the checkpoint from a patched model (model.save_pretrained) or "
-            "re-convert it with `gated-patch convert`."
+            "re-convert it with `gated-patch-convert`."
         )
     if isinstance(data, GateConfig):
         return data
@@ -120,7 +120,7 @@ def check_loaded_gates(loading_info: dict, source: Any) -> None:
         raise GatedCheckpointError(
             f"Gated checkpoint {source}: {'; '.join(problems)}. Its weights do not match its {GATE_CONFIG_KEY!r} "
             "config (a truncated or hand-edited checkpoint?). Re-save it from the patched model or re-convert it "
-            "with `gated-patch convert`; it is not loaded with initialised gates."
+            "with `gated-patch-convert`; it is not loaded with initialised gates."
         )
 
 

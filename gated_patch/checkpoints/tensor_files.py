@@ -156,5 +156,5 @@ class SourceShard:
         return self._handle.get_tensor(name)
 
     def close(self) -> None:
+        """Release the memory map of a safetensors shard (reopened lazily if read again)."""
         self._handle = None
-        self._tensors = None
