@@ -46,3 +46,22 @@ __all__ = [
     "unpatch_model",
     "unregister_model_type",
 ]
+
+# PEFT recipes (gated_patch.adapters): gate-only, gates + LoRA, LoRA on the gate; loading that patches the base.
+from .adapters import (  # noqa: E402
+    GatedAdapterError,
+    gate_lora_config,
+    gate_only_config,
+    gates_and_lora_config,
+    get_gated_peft_model,
+    load_gated_adapter,
+)
+
+__all__ += [
+    "GatedAdapterError",
+    "gate_lora_config",
+    "gate_only_config",
+    "gates_and_lora_config",
+    "get_gated_peft_model",
+    "load_gated_adapter",
+]

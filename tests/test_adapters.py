@@ -257,12 +257,40 @@ def test_gate_lora_refused_on_random_or_trained_gates():
         get_gated_peft_model(patched(GateConfig(init="paper")), LoraConfig(target_modules=[GATE]))
 
 
-def test_gate_lora_accepted_when_gates_stored_in_base_checkpoint(tmp_path):
-    model = patched(GateConfig(init="paper"))
-    model.save_pretrained(tmp_path / "base")  # the gate tensors are in model.safetensors
-    model.config._name_or_path = str(tmp_path / "base")  # as from_pretrained(dir) records it
-    config = gate_lora_config(model)
-    assert config.target_modules == {GATE}
+def test_gate_lora_on_base_loaded_from_gated_checkpoint(tmp_path):
+    """Random (paper-init) gates are fine for gate LoRA once they are stored in the base checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    source = patched(GateConfig(init="paper"))
+    source.save_pretrained(tmp_path / "base")  # the gated checkpoint format (gated_patch.checkpoints)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = get_gated_peft_model(base, gate_lora_config(base, r=4))
+    perturb_trainable(peft_model)
+    reference = logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = load_gated_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded), reference, rtol=0, atol=0)
+
+
+def test_merged_gate_adapter_saves_the_gated_checkpoint_format(trained, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    _, directory, reference = trained
+    merged = load_gated_adapter(tiny_model("llama"), directory).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["model_type"] == "gated_llama"
+    assert GateConfig.from_dict(config["attn_output_gate"]) == GateConfig()
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as handle:
+        names = set(handle.keys())
+    assert {n for n in names if f".{GATE}." in n} == {
+        f"model.layers.{i}.self_attn.{GATE}.{p}" for i in range(NUM_LAYERS) for p in ("weight", "bias")
+    }
+    assert not [n for n in names if any(t in n for t in ("lora_", "modules_to_save", "ln_tuning", "base_layer"))]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert gated_patch.is_patched(reloaded) and gated_patch.gate_config(reloaded) == GateConfig()
+    torch.testing.assert_close(logits(reloaded), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_gate_lora_adapter_onto_different_base_gates_raises(tmp_path):

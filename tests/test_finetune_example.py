@@ -131,8 +131,8 @@ def test_accelerate_launch_two_cpu_processes(example, tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_gate_only_finetune_on_smollm2(example, smollm2_dir, tmp_path):
     out = tmp_path / "adapter"
-    results = example.main(["--mode", "gates", "--steps", "2", "--seq-len", "64", "--batch-size", "2",
-                            "--eval-blocks", "4", "--output-dir", str(out)])  # fmt: skip
+    results = example.main(["--mode", "gates", "--steps", "2", "--seq-len", "32", "--batch-size", "1",
+                            "--eval-blocks", "2", "--output-dir", str(out)])  # fmt: skip
     config = AutoModelForCausalLM.from_pretrained(smollm2_dir).config
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     gate_params = config.num_hidden_layers * (config.hidden_size * heads * head_dim + heads * head_dim)
@@ -140,7 +140,7 @@ def test_gate_only_finetune_on_smollm2(example, smollm2_dir, tmp_path):
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert all(".attn_gate." in key for key in saved) and sum(t.numel() for t in saved.values()) == gate_params
     assert results["saved_mb"] == pytest.approx(4 * gate_params / 1e6, rel=0.01)  # float32 gates, nothing else
-    blocks, _ = eval_blocks(example, smollm2_dir, 64, 4)
+    blocks, _ = eval_blocks(example, smollm2_dir, 32, 2)
     base_ppl = held_out_ppl(smollm2_dir, blocks)
     assert results["ppl_before"] == pytest.approx(base_ppl, rel=1e-4)  # identity init: starts at the base PPL
     assert results["ppl_after"] != pytest.approx(base_ppl, rel=1e-6)
