@@ -154,8 +154,11 @@ def inspect_model(
     `tokens` are split into windows of `window` tokens, each an independent sequence starting at position 0, run
     `batch_size` windows at a time. Works with any attention implementation: the model runs with eager attention
     inside the call and gets its previous implementation back afterwards. The model is put in eval mode for the
-    call and its previous mode restored.
+    call and its previous mode restored. A PEFT model is measured through its base model, adapters active (an
+    adapter on the gate projection changes the gate scores reported).
     """
+    if hasattr(model, "get_base_model"):  # a PEFT model: measure the model it wraps (adapters stay active)
+        model = model.get_base_model()
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.reshape(-1).tolist()
     windows = token_windows(tokens, window)
