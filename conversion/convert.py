@@ -18,6 +18,12 @@ PROG = "gated-patch-convert"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gated-patch-convert`` (also ``gated-patch convert``)."""
     parser.add_argument("src", metavar="SRC", help="local checkpoint directory or Hugging Face Hub repo id")
     parser.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
     gate = parser.add_argument_group("gate (new gates on a plain checkpoint; ignored for fused and gated sources)")
@@ -38,12 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--private", action="store_true", default=None)
     hub.add_argument("--hub-revision", default=None, help="branch to upload to (created if missing)")
     hub.add_argument("--create-pr", action="store_true")
-    return parser
 
 
 def main(argv: Optional[list[str]] = None, *, api=None, download=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv), api=api, download=download)
 
+
+def run(args: argparse.Namespace, *, api=None, download=None) -> int:
     def body() -> int:
         gate = gate_config_from_args(args)
         convert(

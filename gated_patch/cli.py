@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .diagnostics.command import add_inspect_parser  # `gated-patch inspect` (issue 5)
 
     add_inspect_parser(commands)
+    from .checkpoints.command import add_checkpoint_parsers  # `gated-patch convert` / `push` (issue 3)
+
+    add_checkpoint_parsers(commands)
     return parser
 
 

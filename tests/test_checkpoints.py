@@ -167,6 +167,15 @@ def test_saving_submodule_or_pushing_is_refused(tmp_path):
     assert not (tmp_path / "hub").exists() and not (tmp_path / "inner").exists()
 
 
+def test_state_dict_without_gates_is_refused(tmp_path):
+    model = gated_tiny("llama")
+    state = {k: v for k, v in model.state_dict().items() if "attn_gate" not in k}
+    with pytest.raises(GatedCheckpointError, match=r"lacks the gate tensors \['model\.layers\.0\.self_attn\.attn_gate"):
+        model.save_pretrained(tmp_path / "x", state_dict=state)
+    model.save_pretrained(tmp_path / "y", state_dict=model.state_dict())
+    assert torch.equal(load(tmp_path / "y")(IDS).logits, model(IDS).logits)
+
+
 def test_unpatched_model_saves_plain(tmp_path):
     model = gated_tiny("llama")
     unpatch_model(model)

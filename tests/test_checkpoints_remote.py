@@ -38,6 +38,11 @@ SCRIPT = textwrap.dedent(
     import torch
     from transformers import AutoModelForCausalLM
 
+    try:
+        import gated_patch  # noqa: F401
+        sys.exit("gated_patch is importable: the test would not show loading without the plugin")
+    except ImportError:
+        pass
     checkpoints, ids, out = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
     results = {}
     for family in json.loads(sys.argv[4]):

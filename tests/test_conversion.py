@@ -316,3 +316,15 @@ def test_convert_push_to_hub_chains(tmp_path, capsys):
     assert uploaded == sorted(["README.md", "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
                                "model-00002-of-00002.safetensors", "model.safetensors.index.json", REMOTE_CODE_FILE,
                                "tokenizer.json", "tokenizer_config.json"])
+
+
+def test_gated_patch_subcommands(tmp_path, capsys):
+    from gated_patch.cli import main as gated_patch_main
+
+    src = make_source(tmp_path / "src")
+    capsys.readouterr()
+    assert gated_patch_main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with mock.patch("huggingface_hub.HfApi", autospec=True) as api_class:
+        assert gated_patch_main(["push", str(tmp_path / "out"), "--repo-id", "me/gated"]) == 0
+    assert api_class.return_value.method_calls == _expected_push_calls(tmp_path / "out", "me/gated")

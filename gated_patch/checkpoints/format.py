@@ -17,7 +17,14 @@ from ..core.attention import GatedPreTrainedMixin
 from ..core.errors import GatedCheckpointError, UnsupportedModelError
 from ..patching import patch_model
 from .remote_code import REMOTE_MODULE, write_remote_code
-from .remote_model import CHECKPOINT_FAMILIES, GATE_CONFIG_KEY, GATED_PREFIX, gate_config_of, load_checked
+from .remote_model import (
+    CHECKPOINT_FAMILIES,
+    GATE_CONFIG_KEY,
+    GATED_PREFIX,
+    gate_config_of,
+    gate_tensor_names,
+    load_checked,
+)
 
 
 def checkpoint_family(model_type: str) -> tuple:
@@ -69,6 +76,16 @@ def save_gated_pretrained(model, plain_save, save_directory, *args: Any, **kwarg
             "AutoModelForCausalLM.from_pretrained(...) after patch_model, not one of its sub-modules."
         )
     gate = gate_config_of(config, f"{type(model).__name__}.config")
+    state_dict = kwargs.get("state_dict")
+    if state_dict is not None:  # e.g. from a Trainer: it must still hold every gate tensor
+        text_config = config.get_text_config()
+        missing = sorted(set(gate_tensor_names(gate, text_config.num_hidden_layers)) - set(state_dict))
+        if missing:
+            raise GatedCheckpointError(
+                f"save_pretrained(state_dict=...) lacks the gate tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                "the checkpoint could not be loaded. Pass a state dict of the whole patched model, e.g. "
+                "model.state_dict()."
+            )
     had_auto_map = "auto_map" in config.__dict__
     previous_auto_map = config.__dict__.get("auto_map")
     _set_config_class(config, gated_config)  # model_type gated_<family> in config.json
