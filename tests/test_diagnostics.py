@@ -231,3 +231,25 @@ def test_training_mode_is_restored_and_nothing_stays_hooked():
     inspect_model(model, list(range(3, 20)), window=8, progress=False)
     assert model.training
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+
+
+def test_fused_and_peft_wrapped_gates_report_the_same_statistics():
+    import copy
+
+    from gated_patch.adapters import gate_only_config, get_gated_peft_model
+
+    model = tiny_model("llama", seed=14)
+    gated_patch.patch_model(model, gated_patch.GateConfig(init="paper"))
+    randomize_gates(model)
+    tokens = torch.randint(3, 97, (32,), generator=torch.Generator().manual_seed(15)).tolist()
+    reference = inspect_model(model, tokens, window=16, progress=False)
+
+    fused = gated_patch.fuse_gates(copy.deepcopy(model))  # gate pre-activations come from the fused GEMM
+    wrapped = get_gated_peft_model(copy.deepcopy(model), gate_only_config())  # gate called through a PEFT layer
+    for other in (inspect_model(fused, tokens, window=16, progress=False),
+                  inspect_model(wrapped, tokens, window=16, progress=False)):
+        for a, b in zip(reference.layers, other.layers):
+            assert b.gated
+            assert b.gate_mean_per_head == pytest.approx(a.gate_mean_per_head, rel=1e-5)
+            assert b.mean_abs_gated_output == pytest.approx(a.mean_abs_gated_output, rel=1e-5)
+            assert b.first_token_share == pytest.approx(a.first_token_share, rel=1e-5)

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.attention import GatedAttentionMixin
+from ..core.errors import UpstreamStructureError
 from .probes import GATE_THRESHOLDS, MetricProbes, attention_module, eager_attention
 
 FIRST_TOKEN_NOTE = (
@@ -191,7 +192,12 @@ def inspect_model(
             max_abs_channel=acc.max_abs_channel,
             mean_abs_attn_output=acc.attn_output_abs_sum / max(acc.attn_output_count, 1),
         )
-        if isinstance(attention, GatedAttentionMixin) and acc.gate_count:
+        if isinstance(attention, GatedAttentionMixin) and not acc.gate_count:
+            raise UpstreamStructureError(
+                f"Layer {index} is gated but its gate module was never called during the forward pass, so its gate "
+                "scores could not be observed. Was the gate replaced by something that bypasses the module call?"
+            )
+        if isinstance(attention, GatedAttentionMixin):
             gate_per_head = (acc.gate_sum / acc.gate_count).tolist()
             below_per_head = {str(t): (acc.gate_below[t] / acc.gate_count).tolist() for t in GATE_THRESHOLDS}
             stats.gated = True
