@@ -3,6 +3,7 @@ attention classes it hooks into. Both fail loudly rather than produce a silently
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 from functools import lru_cache
@@ -70,6 +71,21 @@ def check_attention_structure(attention: nn.Module, family: ModelFamily, where: 
     ok, reason = _forward_calls_projection_once(expected, family.output_projection)
     if not ok:
         fail(reason)
+    _drop_stale_instance_forward(attention, fail)
+
+
+def _drop_stale_instance_forward(attention: nn.Module, fail) -> None:
+    """A ``forward`` stored on the instance hides the class's, so the gated class swapped in would be bypassed and the
+    model silently stay ungated. transformers 5.0-5.2 leave one behind after any ``output_attentions=True`` call (the
+    original forward, bound to the module); that one is dropped. accelerate's hook wrapper is handled by patching
+    (``_old_forward``); anything else is refused."""
+    forward = attention.__dict__.get("forward")
+    if forward is None or "_old_forward" in attention.__dict__:
+        return
+    if getattr(forward, "__self__", None) is attention and getattr(forward, "__func__", None) is type(attention).forward:
+        del attention.__dict__["forward"]
+        return
+    fail(f"its `forward` was replaced on the instance ({forward!r}), which would bypass the gate")
 
 
 def refresh_output_recording(model: nn.Module) -> None:
@@ -79,8 +95,17 @@ def refresh_output_recording(model: nn.Module) -> None:
     class name, filled in ``PreTrainedModel.__init__``; a class swapped afterwards must be registered again or the
     outputs silently come back as ``None`` (tests/test_core_identity.py::test_output_attentions_still_returned).
     """
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # older 5.x: the recorder reads the class attribute directly
+    registry = None
+    for module_name in ("transformers.utils.output_capturing", "transformers.utils.generic"):  # new, <5.8 location
+        try:
+            registry = getattr(importlib.import_module(module_name), "_CAN_RECORD_REGISTRY", None)
+        except ImportError:
+            continue
+        if registry is not None:
+            break
+    if registry is None:
         return
-    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+    if type(registry) is dict:  # before ~5.13 a plain dict keyed by str(class) (the newer registry keys it itself)
+        registry[str(type(model))] = model._can_record_outputs
+    else:
+        registry[model] = model._can_record_outputs
