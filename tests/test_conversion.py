@@ -328,3 +328,16 @@ def test_gated_patch_subcommands(tmp_path, capsys):
     with mock.patch("huggingface_hub.HfApi", autospec=True) as api_class:
         assert gated_patch_main(["push", str(tmp_path / "out"), "--repo-id", "me/gated"]) == 0
     assert api_class.return_value.method_calls == _expected_push_calls(tmp_path / "out", "me/gated")
+
+
+def test_push_failure_is_one_line(tmp_path, capsys):
+    model = tiny_model("llama")
+    patch_model(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    api = mock.create_autospec(HfApi, instance=True)
+    api.create_repo.side_effect = OSError("Offline mode is enabled.")
+    capsys.readouterr()
+    assert push_cli.main([str(tmp_path / "ckpt"), "--repo-id", "me/gated"], api=api) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "upload of" in err and "HF_TOKEN" in err and "Offline mode is enabled." in err
+    assert api.upload_folder.call_count == 0

@@ -29,6 +29,7 @@ from .format import auto_map, checkpoint_family, gated_model_type
 from .remote_code import REMOTE_CODE_FILE, write_remote_code
 from .remote_model import GATE_CONFIG_KEY, GATED_PREFIX
 from .tensor_files import DTYPE_NAMES, SourceShard, tensor_nbytes, write_safetensors
+from .validate import check_gate_tensors, gate_config_from
 
 SOURCE_LAYOUTS = ("auto", "plain", layouts.PAPER, layouts.QWEN3_NEXT)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -221,8 +222,13 @@ def plan_conversion(
     if not isinstance(model_type, str):
         raise GatedCheckpointError(f"{source / 'config.json'}: no model_type; SRC must be a transformers checkpoint.")
     family = checkpoint_family(model_type)[0].model_type
-    shape = layouts.AttentionShape.from_config(config)
-    num_layers = config["num_hidden_layers"]
+    try:
+        shape = layouts.AttentionShape.from_config(config)
+        num_layers = config["num_hidden_layers"]
+    except KeyError as exc:
+        raise GatedCheckpointError(
+            f"{source / 'config.json'}: no {exc.args[0]!r}; SRC must be a complete transformers {family} config."
+        ) from None
     notes: list[str] = []
 
     if model_type.startswith(GATED_PREFIX):
@@ -234,7 +240,7 @@ def plan_conversion(
         if source_layout not in ("auto",):
             raise GatedCheckpointError(f"{source}: a gated checkpoint has the plugin layout; drop --source-layout.")
         detected = layouts.PLUGIN
-        gate = GateConfig.from_dict(config[GATE_CONFIG_KEY])
+        gate = gate_config_from(config, source / "config.json")  # a malformed section: error naming the file
         layouts.check_exportable(gate, num_layers, target_layout)
     else:
         if target_layout != layouts.PLUGIN:
@@ -257,6 +263,10 @@ def plan_conversion(
                 f"{detected}; drop --source-layout or pass --source-layout paper."
             )
     shards, by_name = _weight_files(source, allow_pickle)
+    if detected == layouts.PLUGIN:  # wrong-shaped, non-float, missing or extra gate tensors: refused before writing
+        listing = shards[0].path if len(shards) == 1 else source / "model.safetensors.index.json"
+        check_gate_tensors(gate, config, source / "config.json", {n: s.entries[n] for n, s in by_name.items()},
+                           {n: s.path for n, s in by_name.items()}, listing)
 
     def q_name(i, kind):
         return f"model.layers.{i}.self_attn.q_proj.{kind}"

@@ -9,6 +9,7 @@ classes, so ``unpatch_model``, PEFT and the diagnostics treat both the same.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -17,6 +18,7 @@ from ..core.attention import GatedPreTrainedMixin
 from ..core.errors import GatedCheckpointError, UnsupportedModelError
 from ..patching import patch_model
 from .remote_code import REMOTE_MODULE, write_remote_code
+from .validate import check_local_checkpoint
 from .remote_model import (
     CHECKPOINT_FAMILIES,
     GATE_CONFIG_KEY,
@@ -118,6 +120,9 @@ class _PluginGatedCausalLM:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
+        local = Path(str(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
+        if local.is_dir() and not kwargs.get("gguf_file"):
+            check_local_checkpoint(local)  # every error names the file at fault (issue 7)
         return load_checked(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
 
 

@@ -69,15 +69,21 @@ def push_to_hub(
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id=repo_id, repo_type="model", branch=revision, exist_ok=True)
     message = commit_message or f"Upload gated checkpoint ({config.get('model_type')}) with gated_patch"
-    return api.upload_folder(
-        repo_id=repo_id,
-        repo_type="model",
-        folder_path=str(folder),
-        revision=revision,
-        create_pr=create_pr,
-        commit_message=message,
-    )
+    try:
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id=repo_id, repo_type="model", branch=revision, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=message,
+        )
+    except Exception as exc:  # noqa: BLE001 - any Hub failure: one clear line (the folder itself is untouched)
+        raise GatedCheckpointError(
+            f"upload of {folder} to {repo_id} failed ({type(exc).__name__}: {' '.join(str(exc).split())}); check the "
+            "repo id, your token (HF_TOKEN or `hf auth login`) and the network, then run gated-patch-push again."
+        ) from exc
