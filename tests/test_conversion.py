@@ -218,7 +218,8 @@ def test_existing_out_needs_overwrite(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
-def test_failure_midway_leaves_nothing(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("error, status", [(OSError(28, "No space left on device"), 2), (KeyboardInterrupt(), 130)])
+def test_failure_midway_leaves_nothing(tmp_path, capsys, monkeypatch, error, status):
     src = make_source(tmp_path / "src", shard_size="20KB")
     out = tmp_path / "out"
     out.mkdir()
@@ -228,11 +229,12 @@ def test_failure_midway_leaves_nothing(tmp_path, capsys, monkeypatch):
 
     def failing_write(*args, **kwargs):
         calls.append(args[0])
-        raise OSError(28, "No space left on device")
+        raise error
 
     monkeypatch.setattr(convert_module, "write_safetensors", failing_write)
     code, _, err = run_convert(capsys, src, out, "--overwrite")
-    assert code == 2 and "No space left on device" in err and calls
+    assert code == status and calls
+    assert ("No space left on device" if status == 2 else "interrupted; nothing was written") in err
     assert snapshot(tmp_path) == before  # the old OUT is intact, no temporary directory, SRC untouched
 
 
