@@ -128,7 +128,7 @@ def _rewrite_weights(path, edit):
 def test_missing_gate_tensor_is_an_error(tmp_path):
     gated_tiny("llama").save_pretrained(tmp_path)
     _rewrite_weights(tmp_path, lambda t: t.pop("model.layers.1.self_attn.attn_gate.weight"))
-    with pytest.raises(GatedCheckpointError, match=r"missing gate tensors.*layers\.1\.self_attn\.attn_gate\.weight"):
+    with pytest.raises(GatedCheckpointError, match=r"(no gate tensor|missing gate tensors).*layers\.1\.self_attn\.attn_gate\.weight"):
         load(tmp_path)
 
 
@@ -136,7 +136,7 @@ def test_wrong_shaped_gate_tensor_is_an_error(tmp_path):
     gated_tiny("qwen2").save_pretrained(tmp_path)
     name = "model.layers.2.self_attn.attn_gate.weight"
     _rewrite_weights(tmp_path, lambda t: t.__setitem__(name, t[name][:4].contiguous()))
-    with pytest.raises(GatedCheckpointError, match=r"wrong-shaped gate tensors.*layers\.2\.self_attn\.attn_gate"):
+    with pytest.raises(GatedCheckpointError, match=r"layers\.2\.self_attn\.attn_gate\.weight.*\(4, 64\)"):
         load(tmp_path)
 
 
@@ -154,8 +154,26 @@ def test_gated_checkpoint_without_gate_config_is_an_error(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     del config["attn_output_gate"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(GatedCheckpointError, match="no 'attn_output_gate' entry"):
+    with pytest.raises(GatedCheckpointError, match="no 'attn_output_gate' (entry|section)"):
         load(tmp_path)
+
+
+def test_loading_info_check_lists_every_gate_problem():
+    # the check that runs after transformers loaded the weights (with and without the plugin)
+    from gated_patch.checkpoints import check_loaded_gates
+
+    info = {
+        "missing_keys": {"model.layers.0.self_attn.attn_gate.weight", "model.layers.0.mlp.up_proj.weight"},
+        "unexpected_keys": {"model.layers.5.self_attn.attn_gate.bias"},
+        "mismatched_keys": {("model.layers.1.self_attn.attn_gate.weight", (4, 64), (64, 64))},
+    }
+    with pytest.raises(GatedCheckpointError) as excinfo:
+        check_loaded_gates(info, "ckpt")
+    message = str(excinfo.value)
+    assert "missing gate tensors ['model.layers.0.self_attn.attn_gate.weight']" in message
+    assert "model.layers.1.self_attn.attn_gate.weight (checkpoint (4, 64), model (64, 64))" in message
+    assert "no place for ['model.layers.5.self_attn.attn_gate.bias']" in message
+    check_loaded_gates({"missing_keys": {"model.layers.0.mlp.up_proj.weight"}}, "ckpt")  # not a gate: not ours
 
 
 def test_saving_submodule_or_pushing_is_refused(tmp_path):

@@ -12,7 +12,6 @@ import torch
 from conftest import tiny_model
 from huggingface_hub import HfApi
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from conversion import convert as convert_cli

@@ -26,7 +26,7 @@ from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError
 from . import layouts
 from .format import auto_map, checkpoint_family, gated_model_type
-from .remote_code import REMOTE_CODE_FILE, write_remote_code
+from .remote_code import write_remote_code
 from .remote_model import GATE_CONFIG_KEY, GATED_PREFIX
 from .tensor_files import DTYPE_NAMES, SourceShard, tensor_nbytes, write_safetensors
 from .validate import check_gate_tensors, gate_config_from
