@@ -48,6 +48,7 @@ __all__ = ["FusedAttentionGateLinear", "FusedQueryLinear", "fuse_gates", "is_fus
 _GATE_REF = "_gated_patch_fused_gate"  # on the query projection: its attention layer's gate module
 _FUSED_WEIGHT = "_gated_patch_fused_weight"  # on the query projection: [q_out + gate_out, in]
 _FUSED_BIAS = "_gated_patch_fused_bias"  # on the query projection: [q_out + gate_out] or None
+_POINTERS = "_gated_patch_fused_pointers"  # on the query projection: data pointers of the four parameter views
 _HANDOVER = "_gated_patch_fused_scores"  # on the gate: (input tensor, gate pre-activations) or None
 
 
@@ -63,7 +64,7 @@ class FusedQueryLinear(nn.Linear):
         if torch.is_grad_enabled() and _needs_grad(self, gate):
             return super().forward(input)  # training: both projections run separately, gradients as unfused
         if not torch.compiler.is_compiling() and not _fused_storage_intact(self, gate):
-            _refuse(self, gate)
+            _fuse_storage(self, gate)
         both = F.linear(input, self.__dict__[_FUSED_WEIGHT], self.__dict__[_FUSED_BIAS])
         query, scores = both.split((self.out_features, gate.out_features), dim=-1)
         gate.__dict__[_HANDOVER] = (input, scores)
@@ -89,21 +90,18 @@ def _needs_grad(query: nn.Linear, gate: nn.Linear) -> bool:
     return any(p is not None and p.requires_grad for p in (query.weight, query.bias, gate.weight, gate.bias))
 
 
+def _pointers(query: nn.Linear, gate: nn.Linear) -> tuple:
+    return tuple(p.data_ptr() if p is not None else None for p in (query.weight, gate.weight, query.bias, gate.bias))
+
+
 def _fused_storage_intact(query: nn.Linear, gate: nn.Linear) -> bool:
-    weight = query.__dict__[_FUSED_WEIGHT]
-    if query.weight.data_ptr() != weight.data_ptr() or gate.weight.data_ptr() != weight[query.out_features :].data_ptr():
-        return False
-    if query.weight.dtype != weight.dtype or gate.weight.dtype != weight.dtype:
-        return False
-    bias = query.__dict__[_FUSED_BIAS]
-    for linear, start in ((query, 0), (gate, query.out_features)):
-        if linear.bias is not None and (bias is None or linear.bias.data_ptr() != bias[start:].data_ptr()):
-            return False
-    return True
+    """Whether the parameters are still the views `_fuse_storage` made. The fused tensors keep their storage alive, so no
+    other tensor can take those addresses: equal pointers mean the same views (and the same dtype and device)."""
+    return _pointers(query, gate) == query.__dict__[_POINTERS]
 
 
 @torch.no_grad()
-def _refuse(query: nn.Linear, gate: nn.Linear) -> None:
+def _fuse_storage(query: nn.Linear, gate: nn.Linear) -> None:
     """(Re)build the fused matrix from the current parameters and make the parameters views of it."""
     weight = torch.cat((query.weight, gate.weight), dim=0)
     query.weight.data = weight[: query.out_features]
@@ -120,6 +118,7 @@ def _refuse(query: nn.Linear, gate: nn.Linear) -> None:
             gate.bias.data = bias[query.out_features :]
     query.__dict__[_FUSED_WEIGHT] = weight
     query.__dict__[_FUSED_BIAS] = bias
+    query.__dict__[_POINTERS] = _pointers(query, gate)
 
 
 def _gated_attentions(model: nn.Module) -> Iterator[nn.Module]:
@@ -182,7 +181,7 @@ def fuse_gates(model: nn.Module) -> nn.Module:
             )
         plan.append((query, gate))
     for query, gate in plan:
-        _refuse(query, gate)
+        _fuse_storage(query, gate)
         query.__dict__[_GATE_REF] = gate
         gate.__dict__[_HANDOVER] = None
         query.__class__ = FusedQueryLinear
@@ -206,6 +205,7 @@ def unfuse_gates(model: nn.Module) -> nn.Module:
                     parameter.data = parameter.data.clone()
         query.__dict__.pop(_FUSED_WEIGHT, None)
         query.__dict__.pop(_FUSED_BIAS, None)
+        query.__dict__.pop(_POINTERS, None)
         gate.__dict__.pop(_HANDOVER, None)
         query.__class__ = nn.Linear
         gate.__class__ = AttentionGateLinear
