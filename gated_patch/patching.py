@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Iterator, Optional, Union
+from typing import Iterator, Union
 
 import torch
 from torch import nn
@@ -14,15 +14,14 @@ from .core.attention import (
     GATE_MODULE_NAME,
     GatedAttentionMixin,
     GatedPreTrainedMixin,
-    gated_attention_class,
+    attach_gate,
+    detach_gate,
     gated_pretrained_class,
-    install_output_projection_hook,
     original_class,
-    remove_output_projection_hook,
 )
 from .core.config import GateConfig
 from .core.errors import AlreadyPatchedError, NotPatchedError
-from .core.gate import AttentionGateLinear, gate_input_features, gate_output_features
+from .core.gate import AttentionGateLinear
 from .fused import is_fused, unfuse_gates
 from .registry import ModelFamily, get_model_family
 
@@ -135,23 +134,14 @@ def patch_model(model: PreTrainedModel, config: GateConfigLike = None) -> PreTra
 
     init_std = getattr(text_config, "initializer_range", None) or 0.02
     for attention in attentions:
-        projection = attention._modules[family.output_projection]
-        num_heads = projection.in_features // attention.head_dim
-        gate = AttentionGateLinear(
-            gate_input_features(config, text_config.hidden_size, num_heads, attention.head_dim),
-            gate_output_features(config, num_heads, attention.head_dim),
-            bias=config.bias,
-            init=config.init,
+        attach_gate(
+            attention,
+            config,
+            hidden_size=text_config.hidden_size,
             init_std=init_std,
-            device=_gate_device(projection),
-            dtype=projection.weight.dtype,
+            output_projection=family.output_projection,
+            device=_gate_device(attention._modules[family.output_projection]),
         )
-        attention.__class__ = gated_attention_class(type(attention))
-        attention.gate_config = config
-        attention.gate_num_heads = num_heads
-        attention.output_projection_name = family.output_projection
-        attention.add_module(GATE_MODULE_NAME, gate)
-        install_output_projection_hook(projection)
         _rebind_accelerate_forward(attention)
 
     for module in model.modules():
@@ -169,11 +159,7 @@ def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:
     if is_fused(model):  # give q_proj and the gates their own storage and classes back first (issue 6)
         unfuse_gates(model)
     for _, attention in list(_gated_attention_modules(model)):
-        remove_output_projection_hook(attention._modules[attention.output_projection_name])
-        del attention._modules[GATE_MODULE_NAME]
-        for attribute in ("gate_config", "gate_num_heads", "output_projection_name"):
-            attention.__dict__.pop(attribute, None)
-        attention.__class__ = original_class(type(attention))
+        detach_gate(attention)
         _rebind_accelerate_forward(attention)
     for module in model.modules():
         if isinstance(module, GatedPreTrainedMixin):

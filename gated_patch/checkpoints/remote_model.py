@@ -25,15 +25,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from ..core.attention import (
-    GATE_MODULE_NAME,
-    GatedPreTrainedMixin,
-    gated_attention_class,
-    install_output_projection_hook,
-)
+from ..core.attention import GATE_MODULE_NAME, GatedPreTrainedMixin, attach_gate
 from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError
-from ..core.gate import AttentionGateLinear, gate_input_features, gate_output_features
 
 #: Key of the gate config in ``config.json`` (same attribute as on a model patched in memory).
 GATE_CONFIG_KEY = "attn_output_gate"
@@ -71,24 +65,7 @@ def insert_gates(model: Any, gate: GateConfig) -> None:
     layers = model.model.layers
     init_std = getattr(config, "initializer_range", None) or 0.02
     for index in gate.layer_indices(len(layers)):
-        attention = layers[index].self_attn
-        projection = attention.o_proj
-        num_heads = projection.in_features // attention.head_dim
-        module = AttentionGateLinear(
-            gate_input_features(gate, config.hidden_size, num_heads, attention.head_dim),
-            gate_output_features(gate, num_heads, attention.head_dim),
-            bias=gate.bias,
-            init=gate.init,
-            init_std=init_std,
-            device=projection.weight.device,
-            dtype=projection.weight.dtype,
-        )
-        attention.__class__ = gated_attention_class(type(attention))
-        attention.gate_config = gate
-        attention.gate_num_heads = num_heads
-        attention.output_projection_name = "o_proj"
-        attention.add_module(GATE_MODULE_NAME, module)
-        install_output_projection_hook(projection)
+        attach_gate(layers[index].self_attn, gate, hidden_size=config.hidden_size, init_std=init_std)
 
 
 def check_loaded_gates(loading_info: dict, source: Any) -> None:

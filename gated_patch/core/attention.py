@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from .config import GateConfig
-from .gate import AttentionGateLinear, apply_attention_output_gate
+from .gate import AttentionGateLinear, apply_attention_output_gate, gate_input_features, gate_output_features
 
 GATE_MODULE_NAME = "attn_gate"
 _CONTEXT_ATTR = "_gated_patch_context"
@@ -68,6 +68,47 @@ class GatedAttentionMixin:
         return apply_attention_output_gate(
             attn_output, hidden_states, self._modules[GATE_MODULE_NAME], self.gate_config, self.gate_num_heads
         )
+
+
+def attach_gate(
+    attention: nn.Module,
+    config: GateConfig,
+    *,
+    hidden_size: int,
+    init_std: float,
+    output_projection: str = "o_proj",
+    device=None,
+) -> None:
+    """Turn one upstream attention module into a gated one: class swap, `attn_gate` child, o_proj pre-hook.
+
+    The gate is created with the output projection's dtype, on `device` (default: the projection weight's device).
+    """
+    projection = attention._modules[output_projection]
+    num_heads = projection.in_features // attention.head_dim
+    gate = AttentionGateLinear(
+        gate_input_features(config, hidden_size, num_heads, attention.head_dim),
+        gate_output_features(config, num_heads, attention.head_dim),
+        bias=config.bias,
+        init=config.init,
+        init_std=init_std,
+        device=projection.weight.device if device is None else device,
+        dtype=projection.weight.dtype,
+    )
+    attention.__class__ = gated_attention_class(type(attention))
+    attention.gate_config = config
+    attention.gate_num_heads = num_heads
+    attention.output_projection_name = output_projection
+    attention.add_module(GATE_MODULE_NAME, gate)
+    install_output_projection_hook(projection)
+
+
+def detach_gate(attention: nn.Module) -> None:
+    """Inverse of `attach_gate`: the module is exactly the upstream attention module again."""
+    remove_output_projection_hook(attention._modules[attention.output_projection_name])
+    del attention._modules[GATE_MODULE_NAME]
+    for attribute in ("gate_config", "gate_num_heads", "output_projection_name"):
+        attention.__dict__.pop(attribute, None)
+    attention.__class__ = original_class(type(attention))
 
 
 class GatedPreTrainedMixin:
