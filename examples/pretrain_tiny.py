@@ -64,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--output-dir", default="outputs/pretrain_tiny")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the SmolLM2 cache)")
+    p.add_argument(
+        "--retabulate", action="store_true",
+        help="do not train: rebuild table.md and the training plots from --output-dir/results.json",
+    )
     return p.parse_args(argv)
 
 
@@ -181,12 +185,18 @@ def train_one(name, gate, config, args, lr, train_ids, offsets, device) -> tuple
     return model.eval(), losses, grad_norms
 
 
-def loss_spikes(losses: list[float], threshold: float = 0.5) -> int:
-    """Steps whose loss exceeds the running minimum so far by more than `threshold` nats (after the first 10%)."""
-    start = max(1, len(losses) // 10)
-    best, spikes = min(losses[:start]), 0
-    for value in losses[start:]:
-        spikes += value > best + threshold
+def loss_spikes(losses: list[float], window: int = 10, threshold: float = 0.2) -> int:
+    """Loss spikes: excursions of the `window`-step moving average of the training loss more than `threshold` nats
+    above its running minimum (each excursion counted once; the first 10% of steps, warmup, are skipped)."""
+    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
+    start = max(window, len(losses) // 10)
+    if start >= len(smooth):
+        return 0
+    best, spikes, inside = min(smooth[:start]), 0, False
+    for value in smooth[start:]:
+        above = value > best + threshold
+        spikes += above and not inside
+        inside = above
         best = min(best, value)
     return spikes
 
@@ -257,8 +267,39 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
+def retabulate(out: Path) -> int:
+    data = json.loads((out / "results.json").read_text())
+    rows, runs = data["table"], data["runs"]
+    for row, run in zip(rows, runs):
+        row["loss_spikes"] = loss_spikes(run["train_losses"])
+    uniform = runs[0]["inspection"]["uniform_first_token_share"]
+    table = markdown_table(rows) + table_note(data["settings"]["seq_len"], uniform)
+    write_json(out / "results.json", data)
+    _write_text(out / "table.md", table + "\n")
+    plot_training(runs, rows, out)
+    print(table)
+    return 0
+
+
+def table_note(seq_len: int, uniform: float) -> str:
+    return (
+        f"\n\nF-Attn excludes query position 0; uniform causal attention over the same {seq_len}-token windows would "
+        f"give F-Attn {uniform:.4f}. M-Act: max |output hidden state| of any decoder layer. Loss spikes: times the "
+        "10-step moving average of the training loss rose > 0.2 nats above its running minimum (after the first "
+        "10% of steps)."
+    )
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.retabulate:
+        return retabulate(Path(args.output_dir))
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = Path(args.output_dir)
@@ -309,11 +350,7 @@ def main(argv=None) -> int:
             del model
 
     uniform = inspections[lrs[0]][0].uniform_first_token_share
-    table = markdown_table(rows) + (
-        f"\n\nF-Attn excludes query position 0; uniform causal attention over the same {args.seq_len}-token "
-        f"windows would give F-Attn {uniform:.4f}. M-Act: max |output hidden state| of any decoder layer. "
-        "Loss spikes: steps whose loss exceeds the running minimum by > 0.5 nats (after the first 10% of steps)."
-    )
+    table = markdown_table(rows) + table_note(args.seq_len, uniform)
     for lr, results in inspections.items():
         print(f"\npeak lr {lr:g}:")
         print(format_summary_table(results, {r["variant"]: {"held-out loss": r["held_out_loss"]} for r in rows if r["lr"] == lr}))
@@ -325,9 +362,7 @@ def main(argv=None) -> int:
                     command=" ".join(["python", "examples/pretrain_tiny.py", *(sys.argv[1:] if argv is None else argv)]),
                     total_seconds=time.time() - started, torch_threads=torch.get_num_threads())
     write_json(out / "results.json", {"settings": settings, "table": rows, "runs": runs})
-    tmp = out / ".table.md.tmp"
-    tmp.write_text(table + "\n")
-    tmp.replace(out / "table.md")
+    _write_text(out / "table.md", table + "\n")
     plot_training(runs, rows, out)
     print(f"\n{settings['parameters']:,} parameters (baseline); total {settings['total_seconds']:.0f}s; wrote {out}/")
     return 0
