@@ -121,7 +121,10 @@ def plot_inspections(results: Sequence[Inspection], path, title: Optional[str] =
     ax_out.set(title="mean |attention output| before / after gate", xlabel="layer", ylabel="mean |value|")
     if not any(r.gated_layers for r in results):
         ax_gate.text(0.5, 0.5, "no gated layers", ha="center", va="center", transform=ax_gate.transAxes)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
