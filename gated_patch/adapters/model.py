@@ -23,7 +23,7 @@ from transformers.utils import logging
 from ..core.attention import GATE_MODULE_NAME
 from ..core.config import GateConfig
 from ..core.errors import NotPatchedError
-from ..patching import gate_config, is_patched, patch_model
+from ..patching import gate_config, is_patched, patch_model, unpatch_model
 from .configs import check_gates_reproducible
 from .record import (
     FORMAT,
@@ -201,6 +201,35 @@ def _short_list(names: list[str], limit: int = 3) -> str:
     return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown
 
 
+def _stored_tensor_mismatches(base: nn.Module, stored: dict[str, torch.Tensor]) -> list[str]:
+    """Adapter tensors whose shape cannot fit `base` (an adapter trained on a base of another size): PEFT would fail
+    with a bare "size mismatch" after having wrapped the base's modules in place."""
+    problems = []
+    modules = dict(base.named_modules())
+    for key, tensor in stored.items():
+        parts = key.split(".")
+        if parts[:2] == ["base_model", "model"]:
+            parts = parts[2:]
+        for cut in range(len(parts) - 1, 0, -1):  # the longest prefix that is a module of the base
+            module = modules.get(".".join(parts[:cut]))
+            if module is not None:
+                break
+        else:
+            continue
+        tail, shape = parts[cut:], tuple(tensor.shape)
+        if isinstance(module, nn.Linear) and tail[:1] == ["lora_A"] and tail[-1] == "weight":
+            ok = len(shape) == 2 and shape[1] == module.in_features
+        elif isinstance(module, nn.Linear) and tail[:1] == ["lora_B"]:
+            ok = len(shape) >= 1 and shape[0] == module.out_features
+        elif isinstance(getattr(module, tail[-1], None), torch.Tensor):
+            ok = shape == tuple(getattr(module, tail[-1]).shape)
+        else:
+            continue
+        if not ok:
+            problems.append(f"{key} {shape}")
+    return problems
+
+
 def _check_base_fits(base: nn.Module, directory: Path, adapter: str, *, patch_base: bool, wrapped: bool) -> None:
     """Raise `GatedAdapterError` unless the adapter at `directory` can load onto `base` without losing gate tensors;
     with `patch_base`, patch an unpatched base as the adapter's record says."""
@@ -307,7 +336,18 @@ def load_gated_adapter(
             model = _as_gated_peft_model(model)
         model.load_adapter(directory, adapter_name, is_trainable=is_trainable, **kwargs)
         return model
+    was_patched = is_patched(model)
     _check_base_fits(model, directory, name, patch_base=patch_base, wrapped=False)
+    mismatched = _stored_tensor_mismatches(model, _adapter_weights(directory))
+    if mismatched:
+        if not was_patched and is_patched(model):
+            unpatch_model(model)  # leave the base as it was given
+        weights = next((directory / f for f in _WEIGHT_FILES if (directory / f).is_file()), directory)
+        raise GatedAdapterError(
+            f"Adapter {name!r}: {weights} holds tensors that do not fit this {type(model).__name__} "
+            f"({_short_list(mismatched)}): it was trained on a base model of another size. Load it onto the base model "
+            "it was trained on (see its adapter_config.json, base_model_name_or_path)."
+        )
     peft_model = PeftModel.from_pretrained(model, str(directory), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
     verify_adapter_loaded(peft_model, directory, adapter_name)
     if is_patched(peft_model.get_base_model()):

@@ -18,7 +18,7 @@ from ..core.attention import GatedPreTrainedMixin
 from ..core.errors import GatedCheckpointError, UnsupportedModelError
 from ..patching import patch_model
 from .remote_code import REMOTE_MODULE, write_remote_code
-from .validate import check_local_checkpoint
+from .validate import check_local_checkpoint, check_no_dropped_weights
 from .remote_model import (
     CHECKPOINT_FAMILIES,
     GATE_CONFIG_KEY,
@@ -123,7 +123,12 @@ class _PluginGatedCausalLM:
         local = Path(str(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
         if local.is_dir() and not kwargs.get("gguf_file"):
             check_local_checkpoint(local)  # every error names the file at fault (issue 7)
-        return load_checked(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = load_checked(
+            super().from_pretrained, pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        check_no_dropped_weights(info, local if local.is_dir() else pretrained_model_name_or_path)
+        return (model, info) if want_info else model
 
 
 def _loader_class(family: str) -> type:

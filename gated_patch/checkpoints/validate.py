@@ -35,7 +35,7 @@ def gate_config_from(config: Mapping, config_path: Path | str) -> GateConfig:
 
     data = config.get(GATE_CONFIG_KEY)
     if data is None:
-        raise bad(f"no {GATE_CONFIG_KEY!r} section (model_type {config.get('model_type')!r})")
+        raise bad(f"model_type {config.get('model_type')!r} but no {GATE_CONFIG_KEY!r} entry")
     if not isinstance(data, dict):
         raise bad(f"{GATE_CONFIG_KEY!r} is a {type(data).__name__} ({data!r}), not an object")
     try:
@@ -87,16 +87,16 @@ def check_gate_tensors(
     problems = []
     for name, shape in expected.items():
         if name not in entries:
-            problems.append(f"{listing}: no gate tensor {name!r}")
+            problems.append(f"{listing}: missing gate tensors [{name!r}]")
             continue
         dtype, found = entries[name]
         if tuple(found) != shape:
-            problems.append(f"{files[name]}: gate tensor {name!r} has shape {tuple(found)}, the config needs {shape}")
+            problems.append(f"{files[name]}: wrong-shaped gate tensors [{name!r}] (shape {tuple(found)}, the config needs {shape})")
         if dtype not in FLOAT_DTYPES:
-            problems.append(f"{files[name]}: gate tensor {name!r} has dtype {dtype}, not a floating-point type")
+            problems.append(f"{files[name]}: gate tensors of a non-float dtype [{name!r}] (dtype {dtype})")
     for name in sorted(entries):
         if marker in f".{name}" and name not in expected:
-            problems.append(f"{files[name]}: gate tensor {name!r} that the gate config in {config_path} has no place for")
+            problems.append(f"{files[name]}: gate tensors the gate config in {config_path} has no place for [{name!r}]")
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise GatedCheckpointError(
@@ -166,3 +166,23 @@ def check_local_checkpoint(directory: Path | str) -> None:
         return
     entries, files, listing = found
     check_gate_tensors(gate, config, config_path, entries, files, listing)
+
+
+def check_no_dropped_weights(loading_info: Mapping, source: Path | str) -> None:
+    """Refuse a gated checkpoint whose tensors did not all land in the model, or that lacks some of the model's:
+    transformers only warns and would initialise the missing ones (e.g. a tensor name with a flipped bit)."""
+    unexpected = sorted(loading_info.get("unexpected_keys", ()))
+    missing = sorted(loading_info.get("missing_keys", ()))
+    if not unexpected and not missing:
+        return
+    where = {}
+    if isinstance(source, Path) and source.is_dir():
+        found = weight_file_entries(source)
+        where = found[1] if found else {}
+    described = [f"{where.get(name, source)}: tensor {name!r} that the model has no place for" for name in unexpected]
+    described += [f"{source}: no tensor {name!r}" for name in missing]
+    shown = "; ".join(described[:4]) + (f"; and {len(described) - 4} more" if len(described) > 4 else "")
+    raise GatedCheckpointError(
+        f"Gated checkpoint {source} does not match its model: {shown}. Loading it would drop or re-initialise weights. "
+        "Restore or re-download the checkpoint (a corrupt or hand-edited file?)."
+    )

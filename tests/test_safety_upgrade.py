@@ -1,0 +1,168 @@
+"""Upgrade safety: a transformers whose attention code changed shape, or a version outside the supported range, gives
+a clear error and leaves the model untouched; never a silently ungated or wrongly gated model."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_gates, tiny_model
+from torch import nn
+from transformers.models.llama import modeling_llama
+
+import gated_patch
+from gated_patch import UpstreamStructureError, compat, is_patched, patch_model
+
+ROOT = Path(__file__).resolve().parent.parent
+IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7]])
+
+
+@pytest.fixture
+def fresh_structure_cache():
+    compat._forward_calls_projection_once.cache_clear()
+    yield
+    compat._forward_calls_projection_once.cache_clear()
+
+
+def _forward_variant(old: str, new: str):
+    """LlamaAttention.forward with one source edit, compiled in the upstream module's namespace (as a changed
+    transformers release would ship it)."""
+    import inspect
+
+    source = textwrap.dedent(inspect.getsource(modeling_llama.LlamaAttention.forward))
+    assert old in source, "the upstream forward no longer contains the line this test edits; update the test"
+    source = source.replace(old, new)
+    namespace: dict = {}
+    exec(compile(source, f"<changed {modeling_llama.__file__}>", "exec"), vars(modeling_llama).copy(), namespace)
+    function = namespace["forward"]
+    import linecache
+
+    linecache.cache[function.__code__.co_filename] = (len(source), None, source.splitlines(True), function.__code__.co_filename)
+    return function
+
+
+def _assert_refused_untouched(model, match):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(UpstreamStructureError, match=match) as info:
+        patch_model(model)
+    message = str(info.value)
+    assert "LlamaAttention" in message and "transformers>=" in message  # what broke and how to fix it
+    assert not is_patched(model) and [type(m) for m in model.modules()] == classes
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not hasattr(model.config, "attn_output_gate")
+    return message
+
+
+@pytest.mark.parametrize(
+    "old, new, match",
+    [
+        # the output projection applied through its weight: a pre-hook on o_proj would never see the call
+        ("attn_output = self.o_proj(attn_output)",
+         "attn_output = torch.nn.functional.linear(attn_output, self.o_proj.weight, self.o_proj.bias)",
+         r"calls self\.o_proj\(\.\.\.\) 0 times"),
+        # projection called twice (e.g. a new residual path): which call to gate is ambiguous
+        ("attn_output = self.o_proj(attn_output)",
+         "attn_output = self.o_proj(attn_output) + 0 * self.o_proj(attn_output)",
+         r"calls self\.o_proj\(\.\.\.\) 2 times"),
+    ],
+    ids=["o_proj-bypassed", "o_proj-twice"],
+)
+def test_changed_attention_forward_is_refused(monkeypatch, fresh_structure_cache, old, new, match):
+    model = tiny_model("llama")
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", _forward_variant(old, new))
+    _assert_refused_untouched(model, match)
+
+
+def test_changed_forward_signature_is_refused(monkeypatch, fresh_structure_cache):
+    model = tiny_model("llama")
+    variant = _forward_variant("hidden_states: torch.Tensor,", "x: torch.Tensor, hidden_states: torch.Tensor = None,")
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", variant)
+    _assert_refused_untouched(model, r"forward takes \['self', 'x'\] first")
+
+
+def test_output_projection_that_is_not_linear_is_refused(fresh_structure_cache):
+    model = tiny_model("llama")
+
+    class FusedOutput(nn.Module):  # e.g. a future fused/quantised projection module
+        def __init__(self, linear):
+            super().__init__()
+            self.inner = linear
+
+        def forward(self, x):
+            return self.inner(x)
+
+    attention = model.model.layers[1].self_attn
+    attention.o_proj = FusedOutput(attention.o_proj)
+    _assert_refused_untouched(model, r"no nn\.Linear named 'o_proj'")
+
+
+def test_missing_head_dim_is_refused(fresh_structure_cache):
+    model = tiny_model("llama")
+    del model.model.layers[2].self_attn.head_dim
+    _assert_refused_untouched(model, "head_dim")
+
+
+def test_instance_level_forward_wrapper_is_refused(fresh_structure_cache):
+    """A forward stored on the instance would hide the gated class's forward: the gate would silently not run."""
+    model = tiny_model("llama")
+    attention = model.model.layers[0].self_attn
+    original = attention.forward
+    attention.forward = lambda *args, **kwargs: original(*args, **kwargs)
+    _assert_refused_untouched(model, "replaced on the instance")
+
+
+@torch.no_grad()
+def test_stale_bound_forward_left_by_old_transformers_is_dropped():
+    """transformers 5.0 and 5.1 store the original forward on each attention instance after an ``output_attentions=True``
+    call; the plugin drops that stale bound method, so the model is really gated (not silently ungated)."""
+    model = tiny_model("llama")
+    reference = model(IDS).logits
+    for layer in model.model.layers:
+        layer.self_attn.forward = layer.self_attn.forward  # what those versions leave behind
+    patch_model(model)
+    randomize_gates(model)
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+    assert (model(IDS).logits - reference).abs().max() > 1e-3  # the gates act
+
+
+@torch.no_grad()
+def test_output_attentions_before_patching_does_not_bypass_the_gate():
+    model = tiny_model("llama", attn_implementation="eager")
+    model(IDS, output_attentions=True)
+    patch_model(model)
+    randomize_gates(model)
+    gated = model(IDS, output_attentions=True)
+    assert gated.attentions is not None and len(gated.attentions) == 3
+    reference = tiny_model("llama", attn_implementation="eager")
+    patch_model(reference)
+    randomize_gates(reference)
+    assert torch.equal(reference(IDS).logits, gated.logits)
+
+
+@pytest.mark.parametrize("version", ["4.57.6", "6.0.0", "7.1.0"])
+def test_unsupported_transformers_version_is_refused(monkeypatch, version):
+    model = tiny_model("llama")
+    monkeypatch.setattr(compat.transformers, "__version__", version)  # the module object compat reads
+    with pytest.raises(UpstreamStructureError, match=rf"transformers {re.escape(version)} is installed") as info:
+        patch_model(model)
+    assert "pip install 'transformers>=" in str(info.value)
+    assert not is_patched(model)
+
+
+def test_supported_range_is_stated_consistently():
+    """setup.cfg's requirement and compat's runtime check name the same range; the installed version is in it."""
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    requirement = next(line.strip() for line in parser["options"]["install_requires"].splitlines()
+                       if line.strip().startswith("transformers"))
+    assert requirement == f"transformers>={compat.MIN_TRANSFORMERS},<{compat.MAX_TRANSFORMERS_EXCLUSIVE}"
+    compat.check_transformers_version()  # the installed (newest tested) version is inside the range
+    oldest = (ROOT / ".ci" / "oldest-transformers").read_text()
+    assert "MIN_TRANSFORMERS" in oldest  # the CI step tests exactly the stated minimum
+    assert gated_patch.__version__
