@@ -486,7 +486,7 @@ def write_plan(plan: ConversionPlan, out: Path, *, overwrite: bool = False, prog
         else:
             card = exported_model_card(plan.source_name, plan.gate, plan.target_layout)
         card.save(tmp / "README.md")
-        _commit(tmp, out)
+        _commit(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -496,14 +496,24 @@ def write_plan(plan: ConversionPlan, out: Path, *, overwrite: bool = False, prog
     return out
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    if out.exists():
+def _commit(tmp: Path, out: Path, overwrite: bool = False) -> None:
+    """Move the finished output into place. Without `overwrite` the rename never replaces a non-empty OUT, so of two
+    converters racing to the same OUT exactly one wins and the other refuses (tests/test_interrupted_conversion.py)."""
+    if overwrite and out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
         os.replace(out, trash / "old")
         os.replace(tmp, out)
         shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        return
+    try:
+        os.rename(tmp, out)  # fails with ENOTEMPTY / EEXIST when another process created OUT meanwhile
+    except OSError as exc:
+        if not out.exists():
+            raise
+        raise GatedCheckpointError(
+            f"OUT {out}: created by another process while this conversion ran; refusing to replace it (this run "
+            "wrote nothing). Check which result you want, or pass --overwrite to replace it."
+        ) from exc
 
 
 # ----------------------------------------------------------------------------------------------------------- verify
