@@ -8,7 +8,7 @@ remapped to the ids that occur in the corpus (about 5.3k) so the embedding does 
 10th topic (sorted by name) is held out. All variants see exactly the same batches and start from the same
 non-gate weights (the gate is created after the base model, from the same seed).
 
-    python examples/pretrain_tiny.py                     # defaults: about 12 minutes on 2 CPU cores
+    python examples/pretrain_tiny.py     # defaults: est. ~7 min on 2 idle CPU cores (20 min measured under heavy shared load)
     python examples/pretrain_tiny.py --steps 5000 --d-model 512 --layers 8 --heads 8 --device cuda
 
 Outputs (in --output-dir, default outputs/pretrain_tiny): results.json (every number, loss curves included),

@@ -7,7 +7,7 @@ identity-initialised gates are added and only the gates are fine-tuned?
 3. loads a fresh base model, puts the adapter on it with ``gated_patch.adapters.load_gated_adapter`` and measures
    it again on the same text; the identity-patched model before training is measured too (it must equal step 1).
 
-    python examples/retrofit_diagnostics.py                       # 100 gate-only steps, a few minutes on CPU
+    python examples/retrofit_diagnostics.py      # 100 gate-only steps; 25 min measured on 2 busy shared CPU cores
     python examples/retrofit_diagnostics.py --steps 400 --lr 3e-3 --granularity headwise
 
 Writes results.json, table.txt and inspect.png to --output-dir (default outputs/retrofit).

@@ -63,8 +63,17 @@ def test_inspect_command_rejects_more_labels_than_models(tmp_path):
         main(["inspect", "--model", str(tmp_path), "--label", "a", "--label", "b"])
 
 
+@pytest.fixture
+def one_thread():
+    """On a 2-core machine shared with other jobs, 2 torch threads made this test 5-20x slower than 1."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.slow
-def test_smollm2_sdpa_inspection_and_identity_gates(load_smollm2, smollm2_tokenizer):
+def test_smollm2_sdpa_inspection_and_identity_gates(load_smollm2, smollm2_tokenizer, one_thread):
     model = load_smollm2()
     assert model.config._attn_implementation == "sdpa"
     tokens = tokenize_for_inspection(smollm2_tokenizer, default_text(), 128)

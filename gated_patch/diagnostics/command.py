@@ -37,6 +37,10 @@ def add_inspect_parser(commands) -> argparse.ArgumentParser:
         help="also inspect a copy of each model patched with the gate options below (e.g. to see an identity gate)",
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's choice; 1 is much faster on a CPU shared with other jobs)",
+    )
     add_gate_config_arguments(parser)
     parser.set_defaults(handler=run_inspect)
     return parser
@@ -62,6 +66,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     from .measure import default_text, inspect_model, tokenize_for_inspection
     from .report import format_layer_table, format_summary_table, plot_inspections, write_json
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     paths = args.model or [str(default_model_dir())]
     labels = args.label or []
     if len(labels) > len(paths):
