@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import randomize_gates, tiny_model
 
 import gated_patch
 from gated_patch.cli import main
@@ -89,3 +89,24 @@ def test_smollm2_sdpa_inspection_and_identity_gates(load_smollm2, smollm2_tokeni
     assert gated.gate_mean == 1.0 and gated.gate_fraction_below(0.1) == 0.0
     assert gated.first_token_share_mean == pytest.approx(plain.first_token_share_mean, abs=1e-6)
     assert gated.max_activation[0] == pytest.approx(plain.max_activation[0], rel=1e-6)
+
+
+def test_inspect_command_on_a_saved_gated_checkpoint(tmp_path, smollm2_dir, smollm2_tokenizer):
+    model = tiny_model("llama", seed=2, vocab_size=SMOLLM2_VOCAB)
+    gated_patch.patch_model(model, gated_patch.GateConfig(granularity="headwise", init="paper"))
+    randomize_gates(model)
+    model.save_pretrained(tmp_path / "gated")
+    tokens = tokenize_for_inspection(smollm2_tokenizer, default_text(), 64)
+    direct = inspect_model(model, tokens, window=32, progress=False)
+
+    code = main([
+        "inspect", "--model", str(tmp_path / "gated"), "--tokenizer", str(smollm2_dir), "--max-tokens", "64",
+        "--window", "32", "--output-dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+
+    assert code == 0
+    (loaded,) = json.loads((tmp_path / "out" / "inspect.json").read_text())["models"]
+    assert loaded["gate_config"]["granularity"] == "headwise"
+    for layer, expected in zip(loaded["layers"], direct.layers):
+        assert layer["gate_mean_per_head"] == pytest.approx(expected.gate_mean_per_head, rel=1e-5)
+        assert layer["first_token_share"] == pytest.approx(expected.first_token_share, rel=1e-5)
