@@ -28,21 +28,18 @@ def fresh_structure_cache():
     compat._forward_calls_projection_once.cache_clear()
 
 
-def _forward_variant(old: str, new: str):
-    """LlamaAttention.forward with one source edit, compiled in the upstream module's namespace (as a changed
-    transformers release would ship it)."""
+def _forward_variant(old: str, new: str, directory: Path):
+    """LlamaAttention.forward with one source edit, compiled in the upstream module's namespace from a real file (as a
+    changed transformers release would ship it, so `inspect.getsource` reads the changed code)."""
     import inspect
 
     source = textwrap.dedent(inspect.getsource(modeling_llama.LlamaAttention.forward))
     assert old in source, "the upstream forward no longer contains the line this test edits; update the test"
-    source = source.replace(old, new)
+    path = directory / "changed_modeling_llama.py"
+    path.write_text(source.replace(old, new))
     namespace: dict = {}
-    exec(compile(source, f"<changed {modeling_llama.__file__}>", "exec"), vars(modeling_llama).copy(), namespace)
-    function = namespace["forward"]
-    import linecache
-
-    linecache.cache[function.__code__.co_filename] = (len(source), None, source.splitlines(True), function.__code__.co_filename)
-    return function
+    exec(compile(path.read_text(), str(path), "exec"), vars(modeling_llama).copy(), namespace)
+    return namespace["forward"]
 
 
 def _assert_refused_untouched(model, match):
@@ -73,15 +70,16 @@ def _assert_refused_untouched(model, match):
     ],
     ids=["o_proj-bypassed", "o_proj-twice"],
 )
-def test_changed_attention_forward_is_refused(monkeypatch, fresh_structure_cache, old, new, match):
+def test_changed_attention_forward_is_refused(monkeypatch, fresh_structure_cache, tmp_path, old, new, match):
     model = tiny_model("llama")
-    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", _forward_variant(old, new))
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", _forward_variant(old, new, tmp_path))
     _assert_refused_untouched(model, match)
 
 
-def test_changed_forward_signature_is_refused(monkeypatch, fresh_structure_cache):
+def test_changed_forward_signature_is_refused(monkeypatch, fresh_structure_cache, tmp_path):
     model = tiny_model("llama")
-    variant = _forward_variant("hidden_states: torch.Tensor,", "x: torch.Tensor, hidden_states: torch.Tensor = None,")
+    variant = _forward_variant("hidden_states: torch.Tensor,", "x: torch.Tensor, hidden_states: torch.Tensor = None,",
+                               tmp_path)
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", variant)
     _assert_refused_untouched(model, r"forward takes \['self', 'x'\] first")
 
