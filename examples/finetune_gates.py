@@ -14,7 +14,7 @@ Modes:
 
 Examples::
 
-    python examples/finetune_gates.py                              # gate-only, 30 steps, CPU: a few minutes
+    python examples/finetune_gates.py                              # gate-only, the README table's settings
     python examples/finetune_gates.py --mode gates+lora --granularity headwise --steps 60
     accelerate launch --num_processes 2 --cpu examples/finetune_gates.py --steps 20   # DDP over gloo
 """
@@ -48,9 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="local checkpoint dir (default: the packaged SmolLM2-135M-Instruct)")
     parser.add_argument("--mode", choices=MODES, default="gates")
     parser.add_argument("--granularity", choices=("elementwise", "headwise"), default="elementwise")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4, help="per process")
+    parser.add_argument("--batch-size", type=int, default=2, help="per process")
     parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default per mode: {DEFAULT_LR})")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-alpha", type=int, default=None, help="default: 2 * r")
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="comma-separated projections, or all-linear (default: q_proj,v_proj; none for gate-lora)",
     )
-    parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks of --seq-len tokens")
+    parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks of --seq-len tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None, help="keep the trained adapter (or model) here")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
