@@ -450,6 +450,79 @@ def format_profile(profile_result: dict, top: int = 8) -> str:
     return "\n".join(lines)
 
 
+# --- per-layer breakdown ------------------------------------------------------------------------------------------
+
+
+def layer_breakdown(label, base, args) -> dict:
+    """Where a gated attention layer's extra time goes, one decode-shaped call (1 token, no cache) of the first
+    attention layer, thread CPU time, min over interleaved rounds. Stages are cumulative: the patch mechanism alone
+    (gate applied as identity), + the gate projection, + the activation, + the scale, + the multiplication (the full
+    gate). Stages are made by temporarily replacing `gated_patch.core.gate` functions: an experiment, not a mode."""
+    import gated_patch.core.attention as attention_module
+    import gated_patch.core.gate as gate_module
+
+    x = torch.randn(1, 1, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = base.model.rotary_emb(x, torch.tensor([[args.decode_prompt]]))
+    apply_gate, scores_fn = attention_module.apply_attention_output_gate, gate_module.gate_scores
+
+    def stage(upto):
+        def apply(attn_output, hidden_states, gate, config, num_heads):
+            source = hidden_states if config.gate_input == "hidden_states" else attn_output
+            scores = gate(source) if upto >= 1 else None
+            if upto >= 2:
+                scores = torch.sigmoid(scores)
+            if upto >= 3:
+                scores = scores * config.output_scale
+            if upto < 4:
+                return attn_output
+            if config.granularity == "elementwise":
+                return attn_output * scores
+            shape = attn_output.shape
+            return (attn_output.view(*shape[:-1], num_heads, -1) * scores.unsqueeze(-1)).view(shape)
+
+        return apply
+
+    setups = [("unpatched", None, None)]
+    for granularity in ("headwise", "elementwise"):
+        gate = gp.GateConfig(granularity=granularity)
+        for i, name in enumerate(("mechanism only", "+ gate projection", "+ sigmoid", "+ scale", "+ multiply")):
+            setups.append((f"{granularity}: {name}", Variant(granularity, gate), stage(i)))
+        setups.append((f"{granularity}: as shipped (apply_attention_output_gate)", Variant(granularity, gate), apply_gate))
+        setups.append((f"{granularity}: fused", Variant(granularity + "+fused", gate, True), apply_gate))
+    variants = list({v.name: v for _, v, _ in setups if v is not None}.values())
+    switch = Switcher(base, [Variant("unpatched")] + variants, args.seed)
+    attention = switch.model.model.layers[0].self_attn
+    times = {name: [] for name, _, _ in setups}
+    try:
+        with torch.inference_mode():
+            for _ in tqdm(range(args.reps), desc="layer breakdown"):
+                for name, variant, apply in setups:
+                    switch.activate(variant or Variant("unpatched"))
+                    attention_module.apply_attention_output_gate = apply or apply_gate
+                    for _ in range(20):
+                        attention(x, position_embeddings=(cos, sin), attention_mask=None)
+                    start = time.thread_time()
+                    for _ in range(args.breakdown_calls):
+                        attention(x, position_embeddings=(cos, sin), attention_mask=None)
+                    times[name].append((time.thread_time() - start) / args.breakdown_calls)
+    finally:
+        attention_module.apply_attention_output_gate, gate_module.gate_scores = apply_gate, scores_fn
+        if gp.is_patched(switch.model):
+            gp.unpatch_model(switch.model)
+    base_time = min(times["unpatched"])
+    rows = {name: {"min_us": min(t) * 1e6, "extra_us": (min(t) - base_time) * 1e6} for name, t in times.items()}
+    return {"label": label, "calls": args.breakdown_calls, "rounds": args.reps, "stages": rows}
+
+
+def format_breakdown(result: dict) -> str:
+    lines = [f"\n### per-layer breakdown: {result['label']} (first attention layer, 1 token, thread CPU time, min of "
+             f"{result['rounds']} rounds x {result['calls']} calls)\n", "| stage | time / call | extra vs unpatched |",
+             "|---|---:|---:|"]
+    for name, row in result["stages"].items():
+        lines.append(f"| {name} | {row['min_us']:.1f} us | {row['extra_us']:+.1f} us |")
+    return "\n".join(lines)
+
+
 # --- output ---------------------------------------------------------------------------------------------------------
 
 
@@ -508,7 +581,7 @@ def plot(results: dict, path: str) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
         ax.set_xticklabels(keys, rotation=20)
         ax.set_ylabel("median CPU time, gated / unpatched")
-        ax.set_title(f"{model['label']} (black ticks: FLOP ratio)")
+        ax.set_title(f"{model['label'].split(' (')[0]} (black ticks: FLOP ratio)")
         low = min(min(e["ratio_cpu"] for e in w.values()) for w in model["workloads"].values())
         ax.set_ylim(max(0.0, low - 0.1), None)
     axes[0][0].legend(fontsize=7)
@@ -524,6 +597,7 @@ def _write_json(data, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -554,6 +628,10 @@ def parse_args(argv=None):
         "--profile", action="store_true", help="instead of timing: torch.profiler over decode steps, extra time by operator"
     )
     parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument(
+        "--breakdown", action="store_true", help="instead of timing: extra time of one gated attention layer, by stage"
+    )
+    parser.add_argument("--breakdown-calls", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="small sizes and 3 repetitions (a smoke run)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON path (a PNG plot is written beside it)")
     args = parser.parse_args(argv)
@@ -618,6 +696,13 @@ def main(argv=None) -> dict:
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "models": [],
     }
+    if args.breakdown:
+        results["breakdowns"] = [layer_breakdown(label, base, args) for label, base in bases]
+        _write_json(results, args.out)
+        for b in results["breakdowns"]:
+            print(format_breakdown(b))
+        print(f"\nwrote {args.out}")
+        return results
     if args.profile:
         results["profiles"] = [profile_decode(label, base, variants, args) for label, base in bases]
         _write_json(results, args.out)

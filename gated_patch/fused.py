@@ -30,7 +30,7 @@ restores the classes; values are bitwise unchanged.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch import nn
