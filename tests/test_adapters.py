@@ -331,3 +331,17 @@ def test_record_is_json_with_versions(trained):
     data = json.loads((directory / SIDECAR_NAME).read_text())
     assert data["format"] == "gated_patch.adapter" and data["format_version"] == 1
     assert len(data["base_gate_sha256"]) == 64
+
+
+def test_plain_adapter_into_plain_peft_model_on_unpatched_base(tmp_path):
+    """A LoRA adapter without gates goes through load_gated_adapter unchanged (and is verified)."""
+    from peft import LoraConfig, get_peft_model
+
+    source = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], r=2))
+    perturb_trainable(source)
+    source.save_pretrained(tmp_path)
+    target = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["v_proj"], r=2))
+    loaded = load_gated_adapter(target, tmp_path, adapter_name="other")
+    assert set(loaded.peft_config) == {"default", "other"} and not gated_patch.is_patched(loaded.get_base_model())
+    loaded.set_adapter("other")
+    torch.testing.assert_close(logits(loaded), logits(source), rtol=0, atol=0)

@@ -331,10 +331,14 @@ def load_gated_adapter(
     directory = _local_adapter_dir(adapter, revision)
     name = str(adapter)
     if isinstance(model, PeftModel):
-        if not isinstance(model, GatedPeftModelMixin):
-            _check_base_fits(model.get_base_model(), directory, name, patch_base=False, wrapped=True)
+        if isinstance(model, GatedPeftModelMixin):  # its load_adapter checks the base and verifies the tensors
+            model.load_adapter(directory, adapter_name, is_trainable=is_trainable, **kwargs)
+            return model
+        _check_base_fits(model.get_base_model(), directory, name, patch_base=False, wrapped=True)
+        if is_patched(model.get_base_model()):
             model = _as_gated_peft_model(model)
-        model.load_adapter(directory, adapter_name, is_trainable=is_trainable, **kwargs)
+        PeftModel.load_adapter(model, str(directory), adapter_name, is_trainable=is_trainable, **kwargs)
+        verify_adapter_loaded(model, directory, adapter_name)
         return model
     was_patched = is_patched(model)
     _check_base_fits(model, directory, name, patch_base=patch_base, wrapped=False)
