@@ -2,7 +2,7 @@
 its own process (so peak RSS is per method), same data, steps, seed and batch, and writes a Markdown table, the raw
 JSON and a plot.
 
-    python benchmarks/finetune_table.py --steps 20 --seq-len 128 --batch-size 2 --eval-blocks 16   # the README table
+    python benchmarks/finetune_table.py --steps 40 --seq-len 128 --batch-size 4 --eval-blocks 32   # the README table
 
 LoRA alone uses r=32 on every linear projection (attention and MLP): 9.8M parameters, about the 10.0M of elementwise
 gates on SmolLM2-135M. s/step is the median over the steps of one run (the first step excluded); the machine is
@@ -83,10 +83,10 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--eval-blocks", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None)
     parser.add_argument("--only", default=None, help="comma-separated method indices to run (default: all)")
