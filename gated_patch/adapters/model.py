@@ -20,7 +20,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from transformers.utils import logging
 
-from ..core.attention import GATE_MODULE_NAME
+from ..core.attention import GATE_MODULE_NAME, gated_subclass
 from ..core.config import GateConfig
 from ..core.errors import NotPatchedError
 from ..patching import gate_config, is_patched, patch_model, unpatch_model
@@ -43,7 +43,6 @@ from .record import (
 logger = logging.get_logger(__name__)
 
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-_GATED_PEFT_CLASS_CACHE: dict[type, type] = {}
 
 
 # ----------------------------------------------------------------------------------------------------------- saving
@@ -140,19 +139,7 @@ class GatedPeftModelMixin:
 
 
 def _as_gated_peft_model(peft_model: PeftModel) -> PeftModel:
-    base_class = type(peft_model)
-    if isinstance(peft_model, GatedPeftModelMixin):
-        return peft_model
-    cls = _GATED_PEFT_CLASS_CACHE.get(base_class)
-    if cls is None:
-        cls = type(
-            f"Gated{base_class.__name__}",
-            (GatedPeftModelMixin, base_class),
-            {"__module__": __name__, "__doc__": f"{base_class.__name__} that records and checks attention gates."},
-        )
-        _GATED_PEFT_CLASS_CACHE[base_class] = cls
-        globals()[cls.__name__] = cls
-    peft_model.__class__ = cls
+    peft_model.__class__ = gated_subclass(type(peft_model), GatedPeftModelMixin, "attention gate records and checks")
     return peft_model
 
 

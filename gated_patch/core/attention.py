@@ -21,7 +21,7 @@ GATE_MODULE_NAME = "attn_gate"
 _CONTEXT_ATTR = "_gated_patch_context"
 _HOOK_ATTR = "_gated_patch_hook"
 
-_GATED_CLASS_CACHE: dict[type, type] = {}
+_GATED_CLASS_CACHE: dict[tuple[type, type], type] = {}
 
 
 def _gate_output_projection_input(projection: nn.Module, args: tuple) -> tuple | None:
@@ -134,29 +134,29 @@ class GatedPreTrainedMixin:
         return saver(self, super().save_pretrained, save_directory, *args, **kwargs)
 
 
-def _gated_subclass(base: type, mixin: type, what: str) -> type:
-    """``Gated<Base>``: `mixin` in front of `base`. Cached per base class and importable from this module by name,
+def gated_subclass(base: type, mixin: type, what: str) -> type:
+    """``Gated<Base>``: `mixin` in front of `base`. Cached per (base, mixin) and importable from this module by name,
     so ``isinstance``, pickling and ``copy.deepcopy`` of patched models all work."""
     if issubclass(base, mixin):
         return base
-    cls = _GATED_CLASS_CACHE.get(base)
+    cls = _GATED_CLASS_CACHE.get((base, mixin))
     if cls is None:
         cls = type(
             f"Gated{base.__name__}",
             (mixin, base),
             {"__module__": __name__, "__doc__": f"{base.__name__} with {what}."},
         )
-        _GATED_CLASS_CACHE[base] = cls
+        _GATED_CLASS_CACHE[(base, mixin)] = cls
         globals()[cls.__name__] = cls
     return cls
 
 
 def gated_attention_class(attention_class: type) -> type:
-    return _gated_subclass(attention_class, GatedAttentionMixin, "an attention output gate")
+    return gated_subclass(attention_class, GatedAttentionMixin, "an attention output gate")
 
 
 def gated_pretrained_class(model_class: type) -> type:
-    return _gated_subclass(model_class, GatedPreTrainedMixin, "attention output gates")
+    return gated_subclass(model_class, GatedPreTrainedMixin, "attention output gates")
 
 
 def original_class(gated_class: type) -> type:
