@@ -21,7 +21,6 @@ from .core.attention import (
 )
 from .core.config import GateConfig
 from .core.errors import AlreadyPatchedError, NotPatchedError
-from .core.gate import AttentionGateLinear
 from .fused import is_fused, unfuse_gates
 from .registry import ModelFamily, get_model_family
 
@@ -185,9 +184,4 @@ def gated_model_from_config(
     """
     gate = GateConfig(init="paper") if gate is None else _as_gate_config(gate)
     model = model_class.from_config(config, **kwargs)
-    patch_model(model, gate)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, AttentionGateLinear):
-                module.reset_parameters()
-    return model
+    return patch_model(model, gate)  # each gate is created with its config's init (AttentionGateLinear.__init__)
