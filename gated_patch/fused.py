@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from .core.attention import GATE_MODULE_NAME, GatedAttentionMixin
 from .core.errors import GatedPatchError, NotPatchedError
-from .core.gate import AttentionGateLinear
+from .core.gate import _DIRECT_GATE_TYPES, AttentionGateLinear
 from .registry import get_model_family
 
 __all__ = ["FusedAttentionGateLinear", "FusedQueryLinear", "fuse_gates", "is_fused", "unfuse_gates"]
@@ -60,13 +60,14 @@ class FusedQueryLinear(nn.Linear):
     """The query projection of a fused layer: one GEMM for ``[query | gate]``, returns the query part."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        gate = self.__dict__[_GATE_REF]
+        attributes = self.__dict__
+        gate = attributes[_GATE_REF]
         if torch.is_grad_enabled() and _needs_grad(self, gate):
             return super().forward(input)  # training: both projections run separately, gradients as unfused
         if not torch.compiler.is_compiling() and not _fused_storage_intact(self, gate):
             _fuse_storage(self, gate)
-        both = F.linear(input, self.__dict__[_FUSED_WEIGHT], self.__dict__[_FUSED_BIAS])
-        query, scores = both.split((self.out_features, gate.out_features), dim=-1)
+        both = F.linear(input, attributes[_FUSED_WEIGHT], attributes[_FUSED_BIAS])
+        query, scores = torch.split_with_sizes(both, (self.out_features, gate.out_features), -1)
         gate.__dict__[_HANDOVER] = (input, scores)
         return query
 
@@ -86,12 +87,21 @@ class FusedAttentionGateLinear(AttentionGateLinear):
         return super().forward(input)
 
 
+# Both read the parameters from `_parameters` rather than through nn.Module.__getattr__: they run on every inference
+# call, between memory-bound GEMMs, where each Python lookup is a cache miss.
+
+
+_DIRECT_GATE_TYPES.add(FusedAttentionGateLinear)  # its forward may be called directly (no hooks): see core.gate._project
+
+
 def _needs_grad(query: nn.Linear, gate: nn.Linear) -> bool:
-    return any(p is not None and p.requires_grad for p in (query.weight, query.bias, gate.weight, gate.bias))
+    q, g = query._parameters, gate._parameters
+    return any(p is not None and p.requires_grad for p in (q["weight"], q["bias"], g["weight"], g["bias"]))
 
 
 def _pointers(query: nn.Linear, gate: nn.Linear) -> tuple:
-    return tuple(p.data_ptr() if p is not None else None for p in (query.weight, gate.weight, query.bias, gate.bias))
+    q, g = query._parameters, gate._parameters
+    return tuple(p.data_ptr() if p is not None else None for p in (q["weight"], g["weight"], q["bias"], g["bias"]))
 
 
 def _fused_storage_intact(query: nn.Linear, gate: nn.Linear) -> bool:

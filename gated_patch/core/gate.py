@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.nn.modules import module as _nn_module
 from transformers import initialization as hf_init
 
 from .config import GateConfig
@@ -46,6 +48,12 @@ class AttentionGateLinear(nn.Linear):
         if self.bias is not None:
             hf_init.zeros_(self.bias)
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # nn.Linear.forward, reading the parameters from `_parameters` (not through nn.Module.__getattr__): the gate
+        # runs between memory-bound GEMMs that evict the caches, where every Python lookup costs a cache miss.
+        parameters = self._parameters
+        return F.linear(input, parameters["weight"], parameters["bias"])
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, init={self.gate_init}"
 
@@ -66,8 +74,64 @@ def gate_scores(projection_output: torch.Tensor, config: GateConfig) -> torch.Te
         scores = scores + config.preactivation_offset
     scores = torch.sigmoid(scores) if config.activation == "sigmoid" else nn.functional.silu(scores)
     if config.output_scale != 1.0:
-        scores = scores * config.output_scale
+        scores = scores * _constant(config.output_scale, scores)
     return scores
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(value: float, like: torch.Tensor):
+    """`value` as a 0-dim tensor of `like`'s dtype and device (cached), or the float itself while compiling.
+
+    Multiplying by a Python float goes through the wrapped-number path of the dispatcher (scalar to tensor, type
+    promotion), which at decode time costs about as much as the rest of the gate (benchmarks/README.md, "Where the
+    time goes"). The values are the same: the scale is applied in `like`'s dtype either way.
+    """
+    if torch.compiler.is_compiling():
+        return value
+    key = (value, like.dtype, like.device)
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        constant = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return constant
+
+
+def _project(gate: nn.Module, source: torch.Tensor) -> torch.Tensor:
+    """``gate(source)``, calling the gate's own `forward` directly when that is exactly what ``gate(source)`` would do:
+    the module is one of ours with no hooks, no compiled call and no replaced forward (accelerate's offload hooks
+    replace ``forward``; PEFT replaces the module). Otherwise the normal module call, so hooks and adapters apply."""
+    if (
+        type(gate) in _DIRECT_GATE_TYPES
+        and not (gate._forward_pre_hooks or gate._forward_hooks or gate._backward_pre_hooks or gate._backward_hooks)
+        and not _global_module_hooks()
+        and gate.__dict__.get("_compiled_call_impl") is None
+        and "forward" not in gate.__dict__
+        and not torch._C._get_tracing_state()
+    ):
+        return gate.forward(source)
+    return gate(source)
+
+
+#: Gate classes whose ``forward`` may be called directly by `_project` (`gated_patch.fused` adds its fused gate).
+_DIRECT_GATE_TYPES = {AttentionGateLinear}
+
+_GLOBAL_HOOK_NAMES = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+if all(isinstance(getattr(_nn_module, name, None), dict) for name in _GLOBAL_HOOK_NAMES):
+    _GLOBAL_HOOKS = tuple(getattr(_nn_module, name) for name in _GLOBAL_HOOK_NAMES)
+
+    def _global_module_hooks() -> bool:
+        return any(_GLOBAL_HOOKS)
+
+else:  # torch moved its global module hooks: always take the module call (correct, a little slower)
+
+    def _global_module_hooks() -> bool:
+        return True
 
 
 def apply_attention_output_gate(
@@ -85,7 +149,7 @@ def apply_attention_output_gate(
         gate: the gate projection, called as a module so PEFT adapters on it take effect.
     """
     source = hidden_states if config.gate_input == "hidden_states" else attn_output
-    scores = gate_scores(gate(source), config)
+    scores = gate_scores(_project(gate, source), config)
     if config.granularity == "elementwise":
         return attn_output * scores
     shape = attn_output.shape

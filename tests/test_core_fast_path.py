@@ -1,0 +1,139 @@
+"""The gate's inference fast path (gated_patch.core.gate: `_project`, `_constant`) must compute exactly what the plain
+module call and the float scale compute, and must step aside whenever a hook, an adapter or a replaced forward is
+present, so nothing that observes or changes the gate is ever bypassed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+import gated_patch as gp
+from gated_patch.core import gate as gate_module
+from gated_patch.core.attention import GatedAttentionMixin
+
+from conftest import randomize_gates, tiny_model
+
+GRANULARITIES = ("elementwise", "headwise")
+
+
+def _attentions(model):
+    return [module for module in model.modules() if isinstance(module, GatedAttentionMixin)]
+
+
+def _reference_gate(attention, attn_output, hidden_states):
+    """The gate computed the slow way: module call, Python-float scale, broadcasting per head."""
+    config = attention.gate_config
+    source = hidden_states if config.gate_input == "hidden_states" else attn_output
+    scores = nn.Module.__call__(attention.attn_gate, source) + config.preactivation_offset
+    scores = torch.sigmoid(scores) if config.activation == "sigmoid" else nn.functional.silu(scores)
+    scores = scores * config.output_scale
+    if config.granularity == "elementwise":
+        return attn_output * scores
+    heads = attention.gate_num_heads
+    per_head = attn_output.unflatten(-1, (heads, -1))
+    return (per_head * scores.unsqueeze(-1)).flatten(-2)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("gate_input", ("hidden_states", "attn_output"))
+@pytest.mark.parametrize("activation", ("sigmoid", "silu"))
+def test_fast_path_equals_the_plain_computation(granularity, gate_input, activation):
+    model = gp.patch_model(
+        tiny_model("llama"), gp.GateConfig(granularity=granularity, gate_input=gate_input, activation=activation)
+    )
+    randomize_gates(model)
+    attention = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    hidden_states = torch.randn(2, 5, 64, generator=generator)
+    attn_output = torch.randn(2, 5, 64, generator=generator)
+    with torch.no_grad():
+        fast = attention.gate_attention_output(attn_output, hidden_states)
+        reference = _reference_gate(attention, attn_output, hidden_states)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+def test_scale_constant_has_the_scores_dtype_and_value(dtype):
+    scores = torch.rand(3, dtype=dtype)
+    constant = gate_module._constant(2.0, scores)
+    assert constant.dtype == dtype and constant.device == scores.device and constant.dim() == 0
+    assert torch.equal(scores * constant, scores * 2.0)
+    assert gate_module._constant(2.0, scores) is constant  # cached, not rebuilt per call
+
+
+def _count_calls(model):
+    calls = []
+    handles = [
+        attention.attn_gate.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+        for attention in _attentions(model)
+    ]
+    return calls, handles
+
+
+def test_a_forward_hook_on_the_gate_still_fires_and_can_change_the_output():
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig(granularity="headwise"))
+    randomize_gates(model)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        before = model(ids).logits
+    calls, handles = _count_calls(model)
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == model.config.num_hidden_layers
+    for handle in handles:
+        handle.remove()
+    closed = [a.attn_gate.register_forward_hook(lambda m, a, out: torch.full_like(out, -1e4)) for a in _attentions(model)]
+    with torch.no_grad():
+        shut = model(ids).logits  # every gate closed: the attention blocks contribute (almost) nothing
+    for handle in closed:
+        handle.remove()
+    with torch.no_grad():
+        after = model(ids).logits
+    assert not torch.allclose(shut, before, atol=1e-3)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_a_global_module_hook_sees_the_gate():
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig())
+    seen = []
+    handle = nn_module.register_module_forward_hook(
+        lambda module, args, output: seen.append(module) if isinstance(module, gp.AttentionGateLinear) else None
+    )
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))
+    finally:
+        handle.remove()
+    assert len(seen) == model.config.num_hidden_layers
+
+
+def test_a_replaced_forward_is_called():
+    """accelerate's offload hooks replace the module's `forward`; the fast path must call it."""
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig())
+    gate = model.model.layers[0].self_attn.attn_gate
+    calls = []
+    original = gate.forward
+
+    def replaced(input):
+        calls.append(input.shape)
+        return original(input)
+
+    gate.forward = replaced
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert calls == [torch.Size([1, 3, 64])]
+
+
+def test_a_lora_adapter_on_the_gate_takes_effect():
+    from peft import LoraConfig, get_peft_model
+
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig())
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        before = model(ids).logits
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["attn_gate"], r=2, init_lora_weights=False))
+    with torch.no_grad():
+        after = peft_model(ids).logits
+    assert not torch.allclose(after, before, atol=1e-4)
