@@ -30,6 +30,7 @@ README run:  python benchmarks/gate_cost.py            (see benchmarks/README.md
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -38,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -45,9 +47,10 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop
 
 import torch  # noqa: E402
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
 
 import gated_patch as gp
+from gated_patch.core.attention import GatedAttentionMixin
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "gate_cost.json")
@@ -164,6 +167,59 @@ class _Decoder:
             self.token = logits[:, -1:].argmax(-1)
 
 
+class _CompiledDecoder(_Decoder):
+    """Greedy decoding with a static KV cache and the model's forward compiled by ``torch.compile`` (inductor). The
+    constructor compiles (one prompt prefill and one step); the cache is created once and reset by `start()`, so
+    later runs reuse the compiled graph."""
+
+    def __init__(self, model, prompt, max_len: int):
+        super().__init__(model, prompt)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.forward = torch.compile(model.forward, dynamic=False)
+        self.start()
+        self.step()
+
+    def start(self):
+        with torch.inference_mode():
+            self.cache.reset()
+            length = self.prompt.shape[1]
+            positions = torch.arange(length)
+            logits = self.model(self.prompt, past_key_values=self.cache, use_cache=True, cache_position=positions).logits
+            self.token, self.position = logits[:, -1:].argmax(-1), length
+
+    def step(self):
+        with torch.inference_mode():
+            positions = torch.tensor([self.position])
+            logits = self.forward(self.token, past_key_values=self.cache, use_cache=True, cache_position=positions).logits
+            self.token, self.position = logits[:, -1:].argmax(-1), self.position + 1
+
+
+def _decode_samples(decoders, args, progress) -> dict:
+    """Interleaved token by token: in every round each variant decodes its next token (the order rotates between
+    rounds), so all variants see the same machine load. Samples are single decode steps; a run's time is the sum of
+    its `args.decode_tokens` steps."""
+    samples = {v.name: {"wall": [], "cpu": [], "run_wall": [], "run_cpu": []} for v, _ in decoders}
+    for rep in range(args.warmup + args.decode_reps):
+        for _, decoder in decoders:
+            decoder.start()
+        totals = {v.name: [0.0, 0.0] for v, _ in decoders}
+        for index in range(args.decode_tokens):
+            shift = (rep * args.decode_tokens + index) % len(decoders)
+            for v, decoder in decoders[shift:] + decoders[:shift]:
+                wall, cpu = _timed(decoder.step)
+                totals[v.name][0] += wall
+                totals[v.name][1] += cpu
+                if rep >= args.warmup:
+                    samples[v.name]["wall"].append(wall)
+                    samples[v.name]["cpu"].append(cpu)
+        for v, _ in decoders:
+            if rep >= args.warmup:
+                samples[v.name]["run_wall"].append(totals[v.name][0])
+                samples[v.name]["run_cpu"].append(totals[v.name][1])
+            progress.update(1)
+    return samples
+
+
 def _timed_prefill(model, input_ids):
     return _timed(lambda: _prefill(model, input_ids))
 
@@ -207,48 +263,46 @@ def _param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-class Switcher:
-    """One model that becomes each variant in turn, in place (patch / load the variant's gate weights / fuse, and
-    unpatch). All variants therefore run on the same weight tensors at the same addresses: separate copies of a model
-    were up to 13% apart in decode speed on the test machine (memory placement), far more than the gate costs."""
+class Siblings:
+    """One model per variant, all sharing the base model's parameter and buffer tensors (``copy.deepcopy`` with a memo
+    that maps every tensor to itself), then patched (and fused) per variant with a trained-looking gate (identity init
+    plus small noise, the same values for every variant of one granularity and gate input). Every variant therefore
+    reads the same weight tensors at the same addresses: separate copies of a model were up to 13% apart in decode
+    speed on the test machine (memory placement), far more than the gate costs. Fused variants get their own copy of
+    the query projection weights, since fusing moves them into the fused matrix."""
 
     def __init__(self, model, variants, seed: int):
-        self.model, self.current = model.eval(), None
-        self.gate_weights = {}
+        model.eval()
+        shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+        self.models = {}
         for variant in variants:
             if variant.gate is None:
+                self.models[variant.name] = model
                 continue
-            gp.patch_model(model, variant.gate)
+            sibling = copy.deepcopy(model, dict(shared))
+            gp.patch_model(sibling, variant.gate)
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():  # a trained-looking gate (identity init + small noise), not an all-zero matrix
-                self.gate_weights[variant.name] = {
-                    name: parameter + torch.randn(parameter.shape, generator=generator) * 0.02
-                    for name, parameter in gp.gate_parameters(model)
-                }
-            gp.unpatch_model(model)
+                for _, parameter in gp.gate_parameters(sibling):
+                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+            if variant.fused:
+                query_name = gp.get_model_family(sibling.config.model_type).query_projection
+                for module in sibling.modules():
+                    if isinstance(module, GatedAttentionMixin):
+                        query = module._modules[query_name]
+                        query.weight = torch.nn.Parameter(query.weight.detach().clone(), requires_grad=False)
+                gp.fuse_gates(sibling)
+            self.models[variant.name] = sibling.eval()
 
     def activate(self, variant: Variant):
-        if self.current == variant:
-            return self.model
-        if gp.is_patched(self.model):
-            gp.unpatch_model(self.model)  # unfuses first
-        if variant.gate is not None:
-            gp.patch_model(self.model, variant.gate)
-            parameters = dict(gp.gate_parameters(self.model))
-            with torch.no_grad():
-                for name, value in self.gate_weights[variant.name].items():
-                    parameters[name].copy_(value)
-            if variant.fused:
-                gp.fuse_gates(self.model)
-        self.current = variant
-        return self.model
+        return self.models[variant.name]
 
 
 def run_model(label, base, variants, args, progress) -> dict:
     config = base.config
     generator = torch.Generator().manual_seed(args.seed)
     vocab = config.vocab_size
-    switch = Switcher(base, variants, args.seed)
+    switch = Siblings(base, variants, args.seed)
     workloads = []  # (key, variant, fn -> (wall, cpu))
     for batch in args.prefill_batches:
         ids = torch.randint(3, vocab, (batch, args.prefill_len), generator=generator)
@@ -303,33 +357,15 @@ def run_model(label, base, variants, args, progress) -> dict:
     keys = list(dict.fromkeys(k for k, _, _ in workloads))
     samples: dict = {k: {} for k in keys}
     if args.decode_tokens:
-        # Interleaved token by token: every variant decodes its next token in turn, so all of them see the same
-        # machine load. Samples are single decode steps; a run's time is the sum of its steps.
         prompt = torch.randint(3, vocab, (1, args.decode_prompt), generator=generator)
-        decoders = [(v, _Decoder(switch.model, prompt)) for v in variants]
-        samples["decode"] = {v.name: {"wall": [], "cpu": [], "run_wall": [], "run_cpu": []} for v in variants}
-        block = max(1, args.decode_block)
-        for rep in range(args.warmup + args.decode_reps):
-            for v, decoder in decoders:
-                switch.activate(v)
-                decoder.start()
-            totals = {v.name: [0.0, 0.0] for v in variants}
-            for index in range(0, args.decode_tokens, block):
-                shift = (rep + index // block) % len(decoders)
-                for v, decoder in decoders[shift:] + decoders[:shift]:
-                    switch.activate(v)
-                    for _ in range(min(block, args.decode_tokens - index)):
-                        wall, cpu = _timed(decoder.step)
-                        totals[v.name][0] += wall
-                        totals[v.name][1] += cpu
-                        if rep >= args.warmup:
-                            samples["decode"][v.name]["wall"].append(wall)
-                            samples["decode"][v.name]["cpu"].append(cpu)
-            for v in variants:
-                if rep >= args.warmup:
-                    samples["decode"][v.name]["run_wall"].append(totals[v.name][0])
-                    samples["decode"][v.name]["run_cpu"].append(totals[v.name][1])
-                progress.update(1)
+        decoders = [(v, _Decoder(switch.activate(v), prompt)) for v in variants]
+        samples["decode"] = _decode_samples(decoders, args, progress)
+        if args.compile_decode:
+            torch._dynamo.config.fail_on_recompile_limit_hit = True  # never time a silent fallback to eager
+            compiled = [v for v in variants if v.name in args.compile_variants]
+            max_len = args.decode_prompt + args.decode_tokens + 1
+            decoders = [(v, _CompiledDecoder(switch.activate(v), prompt, max_len)) for v in tqdm(compiled, desc="compiling")]
+            samples["decode_compiled"] = _decode_samples(decoders, args, progress)
     for key in keys:
         group = [(v, fn) for k, v, fn in workloads if k == key]
         for _ in range(args.warmup):  # warm-up (allocator, caches), not recorded
@@ -352,12 +388,14 @@ def run_model(label, base, variants, args, progress) -> dict:
     for v in variants:
         results["params"][v.name] = _param_bytes(switch.activate(v))
     base_name = "unpatched"
-    order = [k for k in samples if k.startswith("prefill")] + [k for k in ("decode", "train_full", "train_gate_only") if k in samples]
+    order = [k for k in samples if k.startswith("prefill")] + [
+        k for k in ("decode", "decode_compiled", "train_full", "train_gate_only") if k in samples
+    ]
     for key in order:
         entry = {}
         for name, s in samples[key].items():
             med_wall, med_cpu = statistics.median(s["wall"]), statistics.median(s["cpu"])
-            if key == "decode":  # per-step medians, scaled to a run of decode_tokens steps
+            if key.startswith("decode"):  # per-step medians, scaled to a run of decode_tokens steps
                 med_wall, med_cpu = med_wall * args.decode_tokens, med_cpu * args.decode_tokens
             variant = next(v for v in variants if v.name == name)
             entry[name] = {
@@ -378,13 +416,15 @@ def run_model(label, base, variants, args, progress) -> dict:
                 full = results["workloads"]["train_full"][name]
                 e["vs_full_training_cpu"] = e["median_cpu_s"] / full["median_cpu_s"]
                 e["vs_full_training_wall"] = e["median_wall_s"] / full["median_wall_s"]
-            if key == "decode":
+            if key.startswith("decode"):
+                # median over rounds of (this variant's step time / the unpatched step time in the same round)
+                steps, ref_steps = samples[key][name]["cpu"], samples[key][base_name]["cpu"]
+                e["paired_ratio_cpu"] = statistics.median(a / b for a, b in zip(steps, ref_steps))
                 e["tokens_per_s_wall"] = args.decode_tokens / e["median_wall_s"]
                 e["tokens_per_s_cpu"] = args.decode_tokens / e["median_cpu_s"]
         results["workloads"][key] = entry
 
-    if gp.is_patched(switch.model):
-        gp.unpatch_model(switch.model)
+    del switch
     gc.collect()
     return results
 
@@ -392,7 +432,7 @@ def run_model(label, base, variants, args, progress) -> dict:
 def _flop_ratio_for(config, variant: Variant, key: str, args) -> float:
     if key.startswith("prefill_b"):
         return flop_ratio(config, variant.gate, "prefill", tokens=args.prefill_len, batch=int(key[len("prefill_b"):]))
-    if key == "decode":
+    if key.startswith("decode"):
         # average over the decode steps: each step is one token attending to the prompt and what came before
         base = sum(base_flops(config, 1, 1, args.decode_prompt + i) for i in range(args.decode_tokens))
         extra = gate_flops_per_token(config, variant.gate) * args.decode_tokens
@@ -410,7 +450,7 @@ def profile_decode(label, base, variants, args) -> dict:
     time, by operator (self CPU time per step, calls per step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    switch = Switcher(base, variants, args.seed)
+    switch = Siblings(base, variants, args.seed)
     prompt = torch.randint(3, base.config.vocab_size, (1, args.decode_prompt), generator=torch.Generator().manual_seed(1))
     out = {}
     for v in variants:
@@ -453,73 +493,122 @@ def format_profile(profile_result: dict, top: int = 8) -> str:
 # --- per-layer breakdown ------------------------------------------------------------------------------------------
 
 
-def layer_breakdown(label, base, args) -> dict:
-    """Where a gated attention layer's extra time goes, one decode-shaped call (1 token, no cache) of the first
-    attention layer, thread CPU time, min over interleaved rounds. Stages are cumulative: the patch mechanism alone
-    (gate applied as identity), + the gate projection, + the activation, + the scale, + the multiplication (the full
-    gate). Stages are made by temporarily replacing `gated_patch.core.gate` functions: an experiment, not a mode."""
-    import gated_patch.core.attention as attention_module
-    import gated_patch.core.gate as gate_module
+def _stage(upto: int):
+    """A truncated copy of the gate for the breakdown: the projection (1), + the activation (2), + the scale (3); the
+    attention output is returned ungated. 0: the patch mechanism alone."""
+    from gated_patch.core.gate import _constant, _project
 
-    x = torch.randn(1, 1, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    cos, sin = base.model.rotary_emb(x, torch.tensor([[args.decode_prompt]]))
-    apply_gate, scores_fn = attention_module.apply_attention_output_gate, gate_module.gate_scores
-
-    def stage(upto):
-        def apply(attn_output, hidden_states, gate, config, num_heads):
+    def gate_attention_output(attention, attn_output, hidden_states):
+        config = attention.gate_config
+        if upto >= 1:
             source = hidden_states if config.gate_input == "hidden_states" else attn_output
-            scores = gate(source) if upto >= 1 else None
+            scores = _project(attention._modules["attn_gate"], source)
             if upto >= 2:
                 scores = torch.sigmoid(scores)
             if upto >= 3:
-                scores = scores * config.output_scale
-            if upto < 4:
-                return attn_output
-            if config.granularity == "elementwise":
-                return attn_output * scores
-            shape = attn_output.shape
-            return (attn_output.view(*shape[:-1], num_heads, -1) * scores.unsqueeze(-1)).view(shape)
+                scores = scores * _constant(config.output_scale, scores)
+        return attn_output
 
-        return apply
+    return gate_attention_output
 
-    setups = [("unpatched", None, None)]
+
+class _ModuleTimer:
+    """Thread CPU time spent inside modules, summed per part, from a forward pre-hook placed before every other
+    pre-hook and a forward hook. The output projection's time therefore includes the gating pre-hook."""
+
+    def __init__(self):
+        self.totals, self.handles = {}, []
+
+    def add(self, part: str, module) -> None:
+        self.totals.setdefault(part, 0.0)
+        slot = f"_gate_cost_t0_{part}"
+
+        def before(module, *args):
+            module.__dict__[slot] = time.thread_time()
+
+        def after(module, *args):
+            self.totals[part] += time.thread_time() - module.__dict__[slot]
+
+        self.handles.append(module.register_forward_pre_hook(before, prepend=True))
+        self.handles.append(module.register_forward_hook(after))
+
+
+def layer_breakdown(label, base, args) -> dict:
+    """Where a gated layer's extra decode time goes, measured in situ: real decode steps, interleaved round-robin
+    over the variants as in the timed run, with thread-CPU timers on every attention block, its query projection and
+    its output projection (the gate runs in a pre-hook of the output projection, so its time lands there). Stages
+    (mechanism only, + projection, + activation, + scale; then the full gate as shipped) are made by replacing the
+    attention modules' `gate_attention_output` with a truncated gate (`_stage`): an experiment, not a mode. Measured
+    in situ because the gate's small operations run between memory-bound GEMMs that evict the caches; the same
+    operations timed in a loop on warm caches cost several times less (benchmarks/op_cost.py)."""
+    setups = [("unpatched", Variant("unpatched"), None)]
     for granularity in ("headwise", "elementwise"):
         gate = gp.GateConfig(granularity=granularity)
-        for i, name in enumerate(("mechanism only", "+ gate projection", "+ sigmoid", "+ scale", "+ multiply")):
-            setups.append((f"{granularity}: {name}", Variant(granularity, gate), stage(i)))
-        setups.append((f"{granularity}: as shipped (apply_attention_output_gate)", Variant(granularity, gate), apply_gate))
-        setups.append((f"{granularity}: fused", Variant(granularity + "+fused", gate, True), apply_gate))
-    variants = list({v.name: v for _, v, _ in setups if v is not None}.values())
-    switch = Switcher(base, [Variant("unpatched")] + variants, args.seed)
-    attention = switch.model.model.layers[0].self_attn
-    times = {name: [] for name, _, _ in setups}
-    try:
-        with torch.inference_mode():
-            for _ in tqdm(range(args.reps), desc="layer breakdown"):
-                for name, variant, apply in setups:
-                    switch.activate(variant or Variant("unpatched"))
-                    attention_module.apply_attention_output_gate = apply or apply_gate
-                    for _ in range(20):
-                        attention(x, position_embeddings=(cos, sin), attention_mask=None)
-                    start = time.thread_time()
-                    for _ in range(args.breakdown_calls):
-                        attention(x, position_embeddings=(cos, sin), attention_mask=None)
-                    times[name].append((time.thread_time() - start) / args.breakdown_calls)
-    finally:
-        attention_module.apply_attention_output_gate, gate_module.gate_scores = apply_gate, scores_fn
-        if gp.is_patched(switch.model):
-            gp.unpatch_model(switch.model)
-    base_time = min(times["unpatched"])
-    rows = {name: {"min_us": min(t) * 1e6, "extra_us": (min(t) - base_time) * 1e6} for name, t in times.items()}
-    return {"label": label, "calls": args.breakdown_calls, "rounds": args.reps, "stages": rows}
+        for upto, name in enumerate(("mechanism only", "+ gate projection", "+ sigmoid", "+ scale")):
+            setups.append((f"{granularity}: {name}", Variant(f"{granularity}: {name}", gate), _stage(upto)))
+        setups.append((f"{granularity}: full gate (as shipped)", Variant(f"{granularity}/hidden", gate), None))
+        setups.append((f"{granularity}: fused", Variant(f"{granularity}/hidden+fused", gate, True), None))
+    siblings = Siblings(base, [v for _, v, _ in setups], args.seed)
+    timers = {}
+    for name, variant, stage in setups:
+        model = siblings.activate(variant)
+        timer = timers[name] = _ModuleTimer()
+        query_name = gp.get_model_family(model.config.model_type).query_projection
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            if stage is not None:
+                attention.gate_attention_output = types.MethodType(stage, attention)
+            timer.add("attention block", attention)
+            timer.add("query projection", attention._modules[query_name])
+            timer.add("output projection + gate", attention.o_proj)
+    prompt = torch.randint(3, base.config.vocab_size, (1, args.decode_prompt), generator=torch.Generator().manual_seed(1))
+    decoders = [(name, _Decoder(siblings.activate(variant), prompt)) for name, variant, _ in setups]
+    steps = {name: [] for name, _, _ in setups}
+    for rep in tqdm(range(args.warmup + args.reps), desc="layer breakdown"):
+        for name, decoder in decoders:
+            before = dict(timers[name].totals)
+            decoder.start()  # the prompt prefill is not part of the breakdown
+            timers[name].totals = before
+        if rep == args.warmup:
+            for timer in timers.values():
+                timer.totals = dict.fromkeys(timer.totals, 0.0)
+        for index in range(args.decode_tokens):
+            shift = (rep * args.decode_tokens + index) % len(decoders)
+            for name, decoder in decoders[shift:] + decoders[:shift]:
+                start = time.thread_time()
+                decoder.step()
+                if rep >= args.warmup:
+                    steps[name].append(time.thread_time() - start)
+    for timer in timers.values():
+        for handle in timer.handles:
+            handle.remove()
+    layers = base.config.num_hidden_layers
+    count = len(steps["unpatched"])
+    ref = timers["unpatched"].totals
+    ref_steps = steps["unpatched"]
+    rows = {}
+    for name, _, _ in setups:
+        totals = timers[name].totals
+        rows[name] = {
+            "step_ms": statistics.median(steps[name]) * 1e3,
+            "paired_step_ratio": statistics.median(a / b for a, b in zip(steps[name], ref_steps)),
+            **{f"{part} us/layer": totals[part] / count / layers * 1e6 for part in totals},
+            **{f"{part} extra us/layer": (totals[part] - ref[part]) / count / layers * 1e6 for part in totals},
+        }
+    return {"label": label, "decode_steps": count, "layers": layers, "stages": rows}
 
 
 def format_breakdown(result: dict) -> str:
-    lines = [f"\n### per-layer breakdown: {result['label']} (first attention layer, 1 token, thread CPU time, min of "
-             f"{result['rounds']} rounds x {result['calls']} calls)\n", "| stage | time / call | extra vs unpatched |",
-             "|---|---:|---:|"]
+    parts = ("attention block", "output projection + gate", "query projection")
+    lines = [
+        f"\n### in-situ per-layer breakdown: {result['label']} ({result['decode_steps']} interleaved decode steps per "
+        f"row, thread CPU time, extra per layer and step vs unpatched)\n",
+        "| stage | " + " | ".join(parts) + " | decode step (median) | step ratio (paired median) |",
+        "|---|" + "---:|" * (len(parts) + 2),
+    ]
     for name, row in result["stages"].items():
-        lines.append(f"| {name} | {row['min_us']:.1f} us | {row['extra_us']:+.1f} us |")
+        cells = [f"{row[f'{part} extra us/layer']:+.1f} us" for part in parts]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['step_ms']:.1f} ms | {row['paired_step_ratio']:.3f} |")
     return "\n".join(lines)
 
 
@@ -535,8 +624,8 @@ def format_table(results: dict) -> str:
         for key, entry in model["workloads"].items():
             for name, e in entry.items():
                 extra = ""
-                if key == "decode":
-                    extra = f" ({e['tokens_per_s_cpu']:.1f} tok/s)"
+                if key.startswith("decode"):
+                    extra = f" ({e['tokens_per_s_cpu']:.1f} tok/s; paired-step ratio {e['paired_ratio_cpu']:.3f})"
                 if key == "train_gate_only":
                     extra = f" ({e['vs_full_training_cpu']:.2f}x its full training)"
                 lines.append(
@@ -617,7 +706,17 @@ def parse_args(argv=None):
     parser.add_argument("--prefill-batches", default="1,8", help="comma list of batch sizes ('' to skip prefill)")
     parser.add_argument("--decode-tokens", type=int, default=128, help="0 to skip decode")
     parser.add_argument("--decode-prompt", type=int, default=32)
-    parser.add_argument("--decode-block", type=int, default=8, help="decode steps per variant before switching")
+    parser.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="also time decode with torch.compile (inductor, static KV cache; needs a C++ compiler; ~1 min of "
+        "compilation per variant)",
+    )
+    parser.add_argument(
+        "--compile-variants",
+        default="unpatched,headwise/hidden,elementwise/hidden",
+        help="comma list of the variants timed with --compile-decode",
+    )
     parser.add_argument("--train-batch", type=int, default=8, help="0 to skip training")
     parser.add_argument("--train-len", type=int, default=256)
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
@@ -629,9 +728,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--profile-steps", type=int, default=20)
     parser.add_argument(
-        "--breakdown", action="store_true", help="instead of timing: extra time of one gated attention layer, by stage"
+        "--breakdown",
+        action="store_true",
+        help="instead of timing: where a gated layer's extra decode time goes, in situ, by stage (--reps runs of "
+        "--decode-tokens interleaved steps)",
     )
-    parser.add_argument("--breakdown-calls", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="small sizes and 3 repetitions (a smoke run)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON path (a PNG plot is written beside it)")
     args = parser.parse_args(argv)
@@ -641,6 +742,7 @@ def parse_args(argv=None):
     args.prefill_batches = [int(b) for b in args.prefill_batches.split(",") if b.strip()]
     args.heavy_reps = args.reps if args.heavy_reps is None else args.heavy_reps
     args.decode_reps = args.reps if args.decode_reps is None else args.decode_reps
+    args.compile_variants = [n.strip() for n in args.compile_variants.split(",") if n.strip()]
     return args
 
 
@@ -679,6 +781,7 @@ def main(argv=None) -> dict:
         len(variants) * light * (args.reps + args.warmup)
         + (len(variants) * heavy + n_train) * (args.heavy_reps + args.warmup)
         + (len(variants) * (args.decode_reps + args.warmup) if args.decode_tokens else 0)
+        + (len(args.compile_variants) * (args.decode_reps + args.warmup) if args.decode_tokens and args.compile_decode else 0)
         + (len(variants) if args.memory else 0)
     )
     total = len(bases) * per_model

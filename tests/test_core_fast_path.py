@@ -137,3 +137,17 @@ def test_a_lora_adapter_on_the_gate_takes_effect():
     with torch.no_grad():
         after = peft_model(ids).logits
     assert not torch.allclose(after, before, atol=1e-4)
+
+
+def test_training_after_inference_mode_generation():
+    """The cached constants must not be inference tensors: generating under inference_mode first, then training,
+    must work (and give gradients to the gates)."""
+    gate_module._CONSTANTS.clear()
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig(granularity="headwise"))
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    gradients = [parameter.grad for _, parameter in gp.gate_parameters(model)]
+    assert all(g is not None and torch.count_nonzero(g) > 0 for g in gradients)

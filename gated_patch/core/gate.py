@@ -93,7 +93,8 @@ def _constant(value: float, like: torch.Tensor):
     key = (value, like.dtype, like.device)
     constant = _CONSTANTS.get(key)
     if constant is None:
-        constant = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):  # a normal tensor even when first made under inference_mode (training later)
+            constant = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
     return constant
 
 
@@ -109,6 +110,13 @@ def _project(gate: nn.Module, source: torch.Tensor) -> torch.Tensor:
         and "forward" not in gate.__dict__
         and not torch._C._get_tracing_state()
     ):
+        if type(gate) is AttentionGateLinear and source.numel() == gate.in_features:
+            # One token (decode): a matrix-vector product, which dispatches to a lighter kernel than linear's addmm.
+            # Returns shape [out] instead of [1, ..., 1, out]; the callers broadcast it the same way.
+            parameters = gate._parameters
+            bias = parameters["bias"]
+            vector = source.reshape(-1)
+            return torch.mv(parameters["weight"], vector) if bias is None else torch.addmv(bias, parameters["weight"], vector)
         return gate.forward(source)
     return gate(source)
 
