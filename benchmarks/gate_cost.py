@@ -4,7 +4,9 @@ Workloads (each: several repetitions, every variant once per repetition, the var
 repetitions, medians reported):
   prefill   forward over ``batch x prefill_len`` tokens, logits for every token (batch sizes from --prefill-batches)
   decode    greedy decoding with the KV cache: --decode-tokens single-token steps after a --decode-prompt prefill
-            (the prefill is not timed); reported as tokens/s
+            (the prefill is not timed), interleaved token by token across the variants; reported as tokens/s and as
+            the paired-step ratio (median over rounds of gated step / unpatched step of the same round)
+  decode_compiled  (--compile-decode) the same with a static KV cache and torch.compile (inductor)
   train     forward + backward with a LM loss, ``train_batch x train_len`` tokens; full training (every parameter
             trainable) and, for gated variants, gate-only training (only the gate parameters trainable)
   memory    peak CPU memory allocated by one prefill (largest batch) and one training step, above what was allocated
@@ -12,7 +14,8 @@ repetitions, medians reported):
 
 Variants: unpatched; elementwise / headwise gates reading the hidden states (the paper's G1), unfused and fused
 (`gated_patch.fuse_gates`: query and gate from one GEMM); elementwise / headwise gates reading the attention output.
-Fused variants are inference-only (training runs unfused by design), so they are not timed in ``train``.
+Fused variants are inference-only (training runs unfused by design), so they are not timed in ``train``. Each
+variant is its own model sharing the base model's weight tensors (`Siblings`).
 
 Beside each measured ratio the script prints the ratio of matmul FLOPs counted from the shapes (projections, the
 gate, attention scores and values with a causal mask, the LM head; x3 for forward + backward; gate-only backward
@@ -24,7 +27,8 @@ other jobs, wall time also counts the time the process waited for a core; with o
 for both and the CPU-time ratio is the headline.
 
 Quick run:   python benchmarks/gate_cost.py --quick
-README run:  python benchmarks/gate_cost.py            (see benchmarks/README.md for the settings and the results)
+README runs: see benchmarks/README.md for the commands, the settings and the results; --breakdown and --profile
+             replace the timing by an in-situ per-layer breakdown and a torch.profiler table of decode steps.
 """
 
 from __future__ import annotations
@@ -512,6 +516,18 @@ def _stage(upto: int):
     return gate_attention_output
 
 
+def _previous_gate(attention, attn_output, hidden_states):
+    """The full gate as gated_patch computed it before the decode-time changes (commit e4a34a1): the gate projection
+    through the module call and the scale as a Python float. For the breakdown's before/after row only."""
+    config = attention.gate_config
+    source = hidden_states if config.gate_input == "hidden_states" else attn_output
+    scores = torch.sigmoid(attention._modules["attn_gate"](source)) * config.output_scale
+    if config.granularity == "elementwise":
+        return attn_output * scores
+    shape = attn_output.shape
+    return (attn_output.view(*shape[:-1], attention.gate_num_heads, -1) * scores.unsqueeze(-1)).view(shape)
+
+
 class _ModuleTimer:
     """Thread CPU time spent inside modules, summed per part, from a forward pre-hook placed before every other
     pre-hook and a forward hook. The output projection's time therefore includes the gating pre-hook."""
@@ -547,6 +563,9 @@ def layer_breakdown(label, base, args) -> dict:
         for upto, name in enumerate(("mechanism only", "+ gate projection", "+ sigmoid", "+ scale")):
             setups.append((f"{granularity}: {name}", Variant(f"{granularity}: {name}", gate), _stage(upto)))
         setups.append((f"{granularity}: full gate (as shipped)", Variant(f"{granularity}/hidden", gate), None))
+        setups.append(
+            (f"{granularity}: full gate, previous implementation", Variant(f"{granularity}: previous", gate), _previous_gate)
+        )
         setups.append((f"{granularity}: fused", Variant(f"{granularity}/hidden+fused", gate, True), None))
     siblings = Siblings(base, [v for _, v, _ in setups], args.seed)
     timers = {}
