@@ -87,21 +87,15 @@ class FusedAttentionGateLinear(AttentionGateLinear):
         return super().forward(input)
 
 
-# Both read the parameters from `_parameters` rather than through nn.Module.__getattr__: they run on every inference
-# call, between memory-bound GEMMs, where each Python lookup is a cache miss.
-
-
 _DIRECT_GATE_TYPES.add(FusedAttentionGateLinear)  # its forward may be called directly (no hooks): see core.gate._project
 
 
 def _needs_grad(query: nn.Linear, gate: nn.Linear) -> bool:
-    q, g = query._parameters, gate._parameters
-    return any(p is not None and p.requires_grad for p in (q["weight"], q["bias"], g["weight"], g["bias"]))
+    return any(p is not None and p.requires_grad for p in (query.weight, query.bias, gate.weight, gate.bias))
 
 
 def _pointers(query: nn.Linear, gate: nn.Linear) -> tuple:
-    q, g = query._parameters, gate._parameters
-    return tuple(p.data_ptr() if p is not None else None for p in (q["weight"], g["weight"], q["bias"], g["bias"]))
+    return tuple(p.data_ptr() if p is not None else None for p in (query.weight, gate.weight, query.bias, gate.bias))
 
 
 def _fused_storage_intact(query: nn.Linear, gate: nn.Linear) -> bool:

@@ -289,3 +289,13 @@ def test_unsupported_transformers_version_is_refused():
     with pytest.raises(gp.UpstreamStructureError, match="transformers 4.57.0 is installed"):
         check_transformers_version("4.57.0")
     check_transformers_version()  # the installed version is supported
+
+
+def test_gates_take_the_models_train_or_eval_mode():
+    model = tiny_model("llama").eval()
+    gp.patch_model(model, gp.GateConfig())
+    assert not any(module.training for module in model.modules())
+    gp.unpatch_model(model)
+    model.train()
+    gp.patch_model(model, gp.GateConfig())
+    assert all(module.training for module in model.modules())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils does not import it)
 from torch import nn
 from torch.nn.modules import module as nn_module
 
@@ -151,3 +152,82 @@ def test_training_after_inference_mode_generation():
     model(ids, labels=ids).loss.backward()
     gradients = [parameter.grad for _, parameter in gp.gate_parameters(model)]
     assert all(g is not None and torch.count_nonzero(g) > 0 for g in gradients)
+
+
+def _gate_outputs(model, ids):
+    """The gate projection outputs of every layer for one forward (seen by forward hooks: the module-call path)."""
+    outputs = []
+    handles = [a.attn_gate.register_forward_hook(lambda m, a, out: outputs.append(out)) for a in _attentions(model)]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def _move_weight_out_of_parameters(gate):
+    """What FSDP (use_orig_params=False) and similar wrappers do: the weight becomes a plain tensor attribute."""
+    weight = gate.weight.detach().clone()
+    del gate._parameters["weight"]
+    gate.weight = weight
+
+
+@pytest.mark.parametrize(
+    "reparametrize",
+    [
+        lambda gate: torch.nn.utils.prune.l1_unstructured(gate, "weight", amount=0.5),
+        lambda gate: torch.nn.utils.parametrizations.weight_norm(gate),
+        lambda gate: torch.nn.utils.parametrizations.spectral_norm(gate),
+        _move_weight_out_of_parameters,
+    ],
+    ids=["prune", "weight_norm", "spectral_norm", "plain_attribute"],
+)
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_reparametrized_gates_still_work(reparametrize, tokens):
+    """Pruning and parametrizations move `weight` out of `_parameters` (and may swap the class): the gate must still
+    compute F.linear with the effective weight, for one token (decode) and several."""
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig(granularity="headwise"))
+    randomize_gates(model)
+    gate = model.model.layers[0].self_attn.attn_gate
+    reparametrize(gate)
+    ids = torch.tensor([[1, 5, 9, 13]])[:, :tokens]
+    with torch.no_grad():
+        logits = model(ids).logits
+        effective = gate.weight.detach().clone()
+    plain = gp.patch_model(tiny_model("llama"), gp.GateConfig(granularity="headwise"))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".layers.0.self_attn.attn_gate.weight" not in k}, strict=False)
+    with torch.no_grad():
+        plain.model.layers[0].self_attn.attn_gate.weight.copy_(effective)
+        expected = plain(ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate_input", ("hidden_states", "attn_output"))
+def test_cpu_autocast_gives_the_gate_the_same_precision_for_one_token_and_many(gate_input):
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig(gate_input=gate_input))
+    randomize_gates(model)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        many = _gate_outputs(model, ids)
+        one = _gate_outputs(model, ids[:, :1])
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # one-token steps under autocast
+    assert {o.dtype for o in many} == {o.dtype for o in one} == {torch.bfloat16}
+
+
+def test_a_fake_tensor_run_does_not_poison_later_eager_runs():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    gate_module._CONSTANTS.clear()
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig())
+    randomize_gates(model)
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        before = model(ids).logits
+    gate_module._CONSTANTS.clear()  # the fake run is the first to need the constant
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        fake = model(ids).logits
+    assert isinstance(fake, FakeTensor)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert not isinstance(after, FakeTensor)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

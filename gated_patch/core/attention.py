@@ -94,6 +94,7 @@ def attach_gate(
         device=projection.weight.device if device is None else device,
         dtype=projection.weight.dtype,
     )
+    gate.train(attention.training)  # a gate added to a model in eval mode is in eval mode too
     attention.__class__ = gated_attention_class(type(attention))
     attention.gate_config = config
     attention.gate_num_heads = num_heads

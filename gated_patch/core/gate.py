@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.modules import module as _nn_module
 from transformers import initialization as hf_init
 
@@ -48,12 +47,6 @@ class AttentionGateLinear(nn.Linear):
         if self.bias is not None:
             hf_init.zeros_(self.bias)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # nn.Linear.forward, reading the parameters from `_parameters` (not through nn.Module.__getattr__): the gate
-        # runs between memory-bound GEMMs that evict the caches, where every Python lookup costs a cache miss.
-        parameters = self._parameters
-        return F.linear(input, parameters["weight"], parameters["bias"])
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, init={self.gate_init}"
 
@@ -82,17 +75,21 @@ _CONSTANTS: dict = {}
 
 
 def _constant(value: float, like: torch.Tensor):
-    """`value` as a 0-dim tensor of `like`'s dtype and device (cached), or the float itself while compiling.
+    """`value` as a 0-dim tensor of `like`'s dtype and device (cached), or the float itself where a cached tensor
+    could go wrong: while compiling, for tensor subclasses (FakeTensor, DTensor, ...) and, on a cache miss, while a
+    CUDA graph is being captured.
 
     Multiplying by a Python float goes through the wrapped-number path of the dispatcher (scalar to tensor, type
     promotion), which at decode time costs about as much as the rest of the gate (benchmarks/README.md, "Where the
-    time goes"). The values are the same: the scale is applied in `like`'s dtype either way.
+    decode time goes"). The values are the same: the scale is applied in `like`'s dtype either way.
     """
-    if torch.compiler.is_compiling():
+    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
         return value
     key = (value, like.dtype, like.device)
     constant = _CONSTANTS.get(key)
     if constant is None:
+        if like.is_cuda and torch.cuda.is_current_stream_capturing():
+            return value
         with torch.inference_mode(False):  # a normal tensor even when first made under inference_mode (training later)
             constant = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
     return constant
@@ -110,15 +107,25 @@ def _project(gate: nn.Module, source: torch.Tensor) -> torch.Tensor:
         and "forward" not in gate.__dict__
         and not torch._C._get_tracing_state()
     ):
-        if type(gate) is AttentionGateLinear and source.numel() == gate.in_features:
+        if type(gate) is AttentionGateLinear and source.numel() == gate.in_features and not _autocast(source):
             # One token (decode): a matrix-vector product, which dispatches to a lighter kernel than linear's addmm.
-            # Returns shape [out] instead of [1, ..., 1, out]; the callers broadcast it the same way.
+            # Returns shape [out] instead of [1, ..., 1, out]; the callers broadcast it the same way. Only with both
+            # parameters in `_parameters` (FSDP and similar move them out) and outside autocast (CPU autocast casts
+            # linear's inputs but not mv's).
             parameters = gate._parameters
-            bias = parameters["bias"]
-            vector = source.reshape(-1)
-            return torch.mv(parameters["weight"], vector) if bias is None else torch.addmv(bias, parameters["weight"], vector)
+            weight, bias = parameters.get("weight"), parameters.get("bias", gate)
+            if weight is not None and bias is not gate:
+                vector = source.reshape(-1)
+                return torch.mv(weight, vector) if bias is None else torch.addmv(bias, weight, vector)
         return gate.forward(source)
     return gate(source)
+
+
+def _autocast(source: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(source.device.type)
+    except TypeError:  # torch < 2.4: no per-device query
+        return True
 
 
 #: Gate classes whose ``forward`` may be called directly by `_project` (`gated_patch.fused` adds its fused gate).
