@@ -306,12 +306,12 @@ def run_model(label, base, variants, args, progress) -> dict:
     config = base.config
     generator = torch.Generator().manual_seed(args.seed)
     vocab = config.vocab_size
-    switch = Siblings(base, variants, args.seed)
+    siblings = Siblings(base, variants, args.seed)
     workloads = []  # (key, variant, fn -> (wall, cpu))
     for batch in args.prefill_batches:
         ids = torch.randint(3, vocab, (batch, args.prefill_len), generator=generator)
         for v in variants:
-            workloads.append((f"prefill_b{batch}", v, lambda v=v, ids=ids: _timed_prefill(switch.activate(v), ids)))
+            workloads.append((f"prefill_b{batch}", v, lambda v=v, ids=ids: _timed_prefill(siblings.activate(v), ids)))
     if args.train_batch:
         ids = torch.randint(3, vocab, (args.train_batch, args.train_len), generator=generator)
         for v in variants:
@@ -322,7 +322,7 @@ def run_model(label, base, variants, args, progress) -> dict:
                 key = "train_gate_only" if gate_only else "train_full"
 
                 def step(v=v, gate_only=gate_only, ids=ids):
-                    m = switch.activate(v)
+                    m = siblings.activate(v)
                     m.train()
                     _set_trainable(m, v, gate_only)
                     try:
@@ -340,7 +340,7 @@ def run_model(label, base, variants, args, progress) -> dict:
         memory = {}
         biggest = max(args.prefill_batches) if args.prefill_batches else None
         for v in variants:
-            m = switch.activate(v)
+            m = siblings.activate(v)
             row = {"param_bytes": _param_bytes(m)}
             if biggest:
                 ids = torch.randint(3, vocab, (biggest, args.prefill_len), generator=generator)
@@ -362,13 +362,13 @@ def run_model(label, base, variants, args, progress) -> dict:
     samples: dict = {k: {} for k in keys}
     if args.decode_tokens:
         prompt = torch.randint(3, vocab, (1, args.decode_prompt), generator=generator)
-        decoders = [(v, _Decoder(switch.activate(v), prompt)) for v in variants]
+        decoders = [(v, _Decoder(siblings.activate(v), prompt)) for v in variants]
         samples["decode"] = _decode_samples(decoders, args, progress)
         if args.compile_decode:
             torch._dynamo.config.fail_on_recompile_limit_hit = True  # never time a silent fallback to eager
             compiled = [v for v in variants if v.name in args.compile_variants]
             max_len = args.decode_prompt + args.decode_tokens + 1
-            decoders = [(v, _CompiledDecoder(switch.activate(v), prompt, max_len)) for v in tqdm(compiled, desc="compiling")]
+            decoders = [(v, _CompiledDecoder(siblings.activate(v), prompt, max_len)) for v in tqdm(compiled, desc="compiling")]
             samples["decode_compiled"] = _decode_samples(decoders, args, progress)
     for key in keys:
         group = [(v, fn) for k, v, fn in workloads if k == key]
@@ -390,7 +390,7 @@ def run_model(label, base, variants, args, progress) -> dict:
     if memory_result is not None:
         results["memory"] = memory_result
     for v in variants:
-        results["params"][v.name] = _param_bytes(switch.activate(v))
+        results["params"][v.name] = _param_bytes(siblings.activate(v))
     base_name = "unpatched"
     order = [k for k in samples if k.startswith("prefill")] + [
         k for k in ("decode", "decode_compiled", "train_full", "train_gate_only") if k in samples
@@ -428,8 +428,6 @@ def run_model(label, base, variants, args, progress) -> dict:
                 e["tokens_per_s_cpu"] = args.decode_tokens / e["median_cpu_s"]
         results["workloads"][key] = entry
 
-    del switch
-    gc.collect()
     return results
 
 
@@ -454,11 +452,11 @@ def profile_decode(label, base, variants, args) -> dict:
     time, by operator (self CPU time per step, calls per step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    switch = Siblings(base, variants, args.seed)
+    siblings = Siblings(base, variants, args.seed)
     prompt = torch.randint(3, base.config.vocab_size, (1, args.decode_prompt), generator=torch.Generator().manual_seed(1))
     out = {}
     for v in variants:
-        decoder = _Decoder(switch.activate(v), prompt)
+        decoder = _Decoder(siblings.activate(v), prompt)
         decoder.start()
         for _ in range(3):
             decoder.step()

@@ -64,13 +64,15 @@ def test_scale_constant_has_the_scores_dtype_and_value(dtype):
     assert gate_module._constant(2.0, scores) is constant  # cached, not rebuilt per call
 
 
-def _count_calls(model):
-    calls = []
-    handles = [
-        attention.attn_gate.register_forward_hook(lambda module, args, output: calls.append(output.shape))
-        for attention in _attentions(model)
-    ]
-    return calls, handles
+def _gate_outputs(model, ids):
+    """The gate projection outputs of every layer for one forward (seen by forward hooks: the module-call path)."""
+    outputs = []
+    handles = [a.attn_gate.register_forward_hook(lambda m, a, out: outputs.append(out)) for a in _attentions(model)]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return outputs
 
 
 def test_a_forward_hook_on_the_gate_still_fires_and_can_change_the_output():
@@ -79,12 +81,7 @@ def test_a_forward_hook_on_the_gate_still_fires_and_can_change_the_output():
     ids = torch.tensor([[1, 5, 9, 13, 17]])
     with torch.no_grad():
         before = model(ids).logits
-    calls, handles = _count_calls(model)
-    with torch.no_grad():
-        model(ids)
-    assert len(calls) == model.config.num_hidden_layers
-    for handle in handles:
-        handle.remove()
+    assert len(_gate_outputs(model, ids)) == model.config.num_hidden_layers
     closed = [a.attn_gate.register_forward_hook(lambda m, a, out: torch.full_like(out, -1e4)) for a in _attentions(model)]
     with torch.no_grad():
         shut = model(ids).logits  # every gate closed: the attention blocks contribute (almost) nothing
@@ -152,17 +149,6 @@ def test_training_after_inference_mode_generation():
     model(ids, labels=ids).loss.backward()
     gradients = [parameter.grad for _, parameter in gp.gate_parameters(model)]
     assert all(g is not None and torch.count_nonzero(g) > 0 for g in gradients)
-
-
-def _gate_outputs(model, ids):
-    """The gate projection outputs of every layer for one forward (seen by forward hooks: the module-call path)."""
-    outputs = []
-    handles = [a.attn_gate.register_forward_hook(lambda m, a, out: outputs.append(out)) for a in _attentions(model)]
-    with torch.no_grad():
-        model(ids)
-    for handle in handles:
-        handle.remove()
-    return outputs
 
 
 def _move_weight_out_of_parameters(gate):

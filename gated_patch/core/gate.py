@@ -161,7 +161,7 @@ def apply_attention_output_gate(
     Args:
         attn_output: the flattened SDPA output ``[..., heads * head_dim]`` (the input of ``o_proj``).
         hidden_states: the normed input of the attention block ``[..., hidden]``.
-        gate: the gate projection, called as a module so PEFT adapters on it take effect.
+        gate: the gate projection, called through `_project` (a module call whenever hooks or adapters are present).
     """
     source = hidden_states if config.gate_input == "hidden_states" else attn_output
     scores = gate_scores(_project(gate, source), config)
