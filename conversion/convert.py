@@ -9,9 +9,8 @@ from typing import Optional
 
 from gated_patch.checkpoints import layouts
 from gated_patch.checkpoints.convert import SOURCE_LAYOUTS, convert
-from gated_patch.cli import add_gate_config_arguments, gate_config_from_args
-
-from ._errors import run_cli
+from gated_patch.checkpoints.hub import push_to_hub
+from gated_patch.arguments import add_gate_config_arguments, gate_config_from_args, run_cli
 
 PROG = "gated-patch-convert"
 
@@ -23,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``gated-patch-convert`` (also ``gated-patch convert``)."""
+    """The options of ``gated-patch-convert``."""
     parser.add_argument("src", metavar="SRC", help="local checkpoint directory or Hugging Face Hub repo id")
     parser.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
     gate = parser.add_argument_group("gate (new gates on a plain checkpoint; ignored for fused and gated sources)")
@@ -59,8 +58,6 @@ def run(args: argparse.Namespace, *, api=None, download=None) -> int:
             verify=args.verify, seed=args.seed, progress=not args.no_progress, download=download,
         )
         if args.push_to_hub and not args.dry_run:
-            from gated_patch.checkpoints.hub import push_to_hub
-
             result = push_to_hub(args.out, args.push_to_hub, private=args.private, revision=args.hub_revision,
                                  create_pr=args.create_pr, api=api)
             print(f"uploaded {args.out} to {args.push_to_hub}: {result}")

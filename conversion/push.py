@@ -7,9 +7,8 @@ import argparse
 import sys
 from typing import Optional
 
+from gated_patch.arguments import run_cli
 from gated_patch.checkpoints.hub import push_to_hub
-
-from ._errors import run_cli
 
 PROG = "gated-patch-push"
 
@@ -21,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``gated-patch-push`` (also ``gated-patch push``)."""
+    """The options of ``gated-patch-push``."""
     parser.add_argument("folder", metavar="DIR", help="directory written by gated-patch-convert or save_pretrained")
     parser.add_argument("--repo-id", required=True, help="Hub repo, owner/name (created if missing)")
     parser.add_argument("--private", action="store_true", default=None, help="create the repo private")

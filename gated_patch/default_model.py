@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging
+from transformers.utils import CONFIG_NAME, logging
+
+from .checkpoints.files import staging_directory
 
 logger = logging.get_logger(__name__)
 
@@ -45,13 +45,12 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     interrupted run never leaves a half-written cache.
     """
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if (target / "config.json").is_file():
+    if (target / CONFIG_NAME).is_file():
         return target
     gguf = smollm2_gguf_path()
     logger.warning("Converting %s to a safetensors cache at %s (once, about 20 s).", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staging_directory(target) as staging:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = quantized.config
@@ -64,10 +63,8 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         try:
             os.replace(staging, target)
         except OSError:
-            if not (target / "config.json").is_file():  # lost a race to another process: theirs is complete
+            if not (target / CONFIG_NAME).is_file():  # lost a race to another process: theirs is complete
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

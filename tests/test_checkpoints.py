@@ -13,9 +13,10 @@ from transformers import AutoModelForCausalLM
 
 import gated_patch
 from gated_patch import GateConfig, GatedCheckpointError, gate_config, is_patched, patch_model, unpatch_model
-from gated_patch.checkpoints import REMOTE_CODE_FILE
-from gated_patch.checkpoints.remote_code import imported_top_level_modules
-from gated_patch.core.attention import gated_pretrained_class
+from gated_patch.checkpoints.remote_code import REMOTE_CODE_FILE, imported_top_level_modules
+from gated_patch.checkpoints.saving import GatedModelMixin
+from gated_patch.core.attention import gated_subclass
+from gated_patch.core.checkpoint import gated_config_class, load_checked
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
 
@@ -82,7 +83,7 @@ def test_plugin_loads_the_patched_model(tmp_path, family):
 
     loaded = load(tmp_path)
     upstream = type(tiny_model(family))
-    assert type(loaded) is gated_pretrained_class(upstream)  # exactly what patch_model makes
+    assert type(loaded) is gated_subclass(upstream, GatedModelMixin) is type(model)  # exactly what patch_model makes
     assert type(loaded.config) is type(model.config) and loaded.config.model_type == family
     assert is_patched(loaded) and gate_config(loaded) == gate
     state, loaded_state = model.state_dict(), loaded.state_dict()
@@ -158,22 +159,21 @@ def test_gated_checkpoint_without_gate_config_is_an_error(tmp_path):
         load(tmp_path)
 
 
-def test_loading_info_check_lists_every_gate_problem():
+def test_loading_info_check_lists_every_problem():
     # the check that runs after transformers loaded the weights (with and without the plugin)
-    from gated_patch.checkpoints import check_loaded_gates
-
     info = {
         "missing_keys": {"model.layers.0.self_attn.attn_gate.weight", "model.layers.0.mlp.up_proj.weight"},
         "unexpected_keys": {"model.layers.5.self_attn.attn_gate.bias"},
         "mismatched_keys": {("model.layers.1.self_attn.attn_gate.weight", (4, 64), (64, 64))},
     }
     with pytest.raises(GatedCheckpointError) as excinfo:
-        check_loaded_gates(info, "ckpt")
+        load_checked(lambda *args, **kwargs: (None, info), "ckpt")
     message = str(excinfo.value)
-    assert "missing gate tensors ['model.layers.0.self_attn.attn_gate.weight']" in message
-    assert "model.layers.1.self_attn.attn_gate.weight (checkpoint (4, 64), model (64, 64))" in message
-    assert "no place for ['model.layers.5.self_attn.attn_gate.bias']" in message
-    check_loaded_gates({"missing_keys": {"model.layers.0.mlp.up_proj.weight"}}, "ckpt")  # not a gate: not ours
+    assert "missing tensors ['model.layers.0.mlp.up_proj.weight', 'model.layers.0.self_attn.attn_gate.weight']" in message
+    assert "wrong-shaped tensors ['model.layers.1.self_attn.attn_gate.weight (checkpoint (4, 64), model (64, 64))']" in message
+    assert "unused tensors ['model.layers.5.self_attn.attn_gate.bias']" in message
+    clean = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set()}
+    assert load_checked(lambda *args, **kwargs: ("model", clean), "ckpt") == "model"
 
 
 def test_saving_submodule_or_pushing_is_refused(tmp_path):
@@ -204,11 +204,10 @@ def test_unpatched_model_saves_plain(tmp_path):
 
 
 def test_from_config_builds_a_gated_model():
-    from gated_patch.checkpoints.remote_model import GatedQwen3Config
-
     from conftest import tiny_config
+    from transformers import Qwen3Config
 
-    config = GatedQwen3Config(**tiny_config("qwen3").to_dict())
+    config = gated_config_class(Qwen3Config)(**tiny_config("qwen3").to_dict())
     config.attn_output_gate = GateConfig(granularity="headwise").to_dict()
     model = AutoModelForCausalLM.from_config(config)
     assert is_patched(model) and gate_config(model) == GateConfig(granularity="headwise")

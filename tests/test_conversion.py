@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 from conversion import convert as convert_cli
 from conversion import push as push_cli
 from gated_patch import GateConfig, gate_config, patch_model
-from gated_patch.checkpoints import REMOTE_CODE_FILE
+from gated_patch.checkpoints.remote_code import REMOTE_CODE_FILE
 from gated_patch.checkpoints import convert as convert_module
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
@@ -176,9 +176,9 @@ def _unsupported(path: Path) -> Path:
     "make, expected",
     [
         (lambda p: p, r"SRC .*src: no such directory\. Pass a local checkpoint directory or a Hub repo id"),
-        (_bad_json, r"src/config\.json: cannot read it as JSON .*fix or re-download"),
+        (_bad_json, r"src/config\.json: cannot read it as JSON .*restore or re-download"),
         (_bin_source, r"src/pytorch_model\.bin: pickled PyTorch weights are refused .*--allow-pickle"),
-        (_unsupported, r"not 'gpt2'\. Patch and save a model of a supported family"),
+        (_unsupported, r"does not support model_type 'gpt2'.*register_model_type\('gpt2'"),
         (_truncated, r"src/model-00002-of-\d+\.safetensors: not a complete safetensors file .*Download or copy it again"),
     ],
     ids=["missing", "unreadable-config", "pickle", "unsupported", "truncated"],
@@ -291,7 +291,7 @@ def test_push_uses_default_token_resolution(tmp_path, capsys):
     model = tiny_model("llama")
     patch_model(model)
     model.save_pretrained(tmp_path / "ckpt")
-    with mock.patch("huggingface_hub.HfApi", autospec=True) as api_class:
+    with mock.patch("gated_patch.checkpoints.hub.HfApi", autospec=True) as api_class:
         assert push_cli.main([str(tmp_path / "ckpt"), "--repo-id", "me/gated"]) == 0
     api_class.assert_called_once_with(token=None)  # HF_TOKEN / `hf auth login`, resolved by huggingface_hub
     assert api_class.return_value.method_calls == _expected_push_calls(tmp_path / "ckpt", "me/gated")
@@ -319,16 +319,12 @@ def test_convert_push_to_hub_chains(tmp_path, capsys):
                                "tokenizer.json", "tokenizer_config.json"])
 
 
-def test_gated_patch_subcommands(tmp_path, capsys):
-    from gated_patch.cli import main as gated_patch_main
+def test_library_has_no_conversion_subcommands():
+    """The conversion scripts are console scripts of conversion/; the gated-patch command (the library) has none."""
+    from gated_patch.cli import build_parser
 
-    src = make_source(tmp_path / "src")
-    capsys.readouterr()
-    assert gated_patch_main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 0
-    assert "wrote" in capsys.readouterr().out
-    with mock.patch("huggingface_hub.HfApi", autospec=True) as api_class:
-        assert gated_patch_main(["push", str(tmp_path / "out"), "--repo-id", "me/gated"]) == 0
-    assert api_class.return_value.method_calls == _expected_push_calls(tmp_path / "out", "me/gated")
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert set(commands) == {"demo", "inspect"}
 
 
 def test_push_failure_is_one_line(tmp_path, capsys):

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import gated_patch as gp
-from gated_patch.compat import check_transformers_version
+from gated_patch.core.versions import check_transformers_version
 from conftest import randomize_gates, tiny_config, tiny_model
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 8, 91, 33, 12, 64, 7, 29]])

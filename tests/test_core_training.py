@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import gated_patch as gp
+from gated_patch.core.gate import apply_gate
 from conftest import randomize_gates, tiny_model
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 8, 91, 33, 12, 64, 7, 29, 50, 3], [9, 61, 24, 85, 46, 11, 70, 39, 6, 58, 22, 93]])
@@ -48,7 +49,7 @@ def test_identity_gate_can_close():
     with torch.no_grad():
         attention.attn_gate.weight.zero_()
         attention.attn_gate.bias.fill_(-30.0)
-        closed = attention.gate_attention_output(y, x)
+        closed = apply_gate(y, x, attention.attn_gate, attention.gate_config, attention.gate_num_heads)
     assert closed.abs().max().item() < 1e-9
 
 

@@ -233,10 +233,10 @@ def test_training_mode_is_restored_and_nothing_stays_hooked():
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
 
 
-def test_fused_and_peft_wrapped_gates_report_the_same_statistics():
+def test_peft_wrapped_gates_and_output_projections_report_the_same_statistics():
     import copy
 
-    from gated_patch.adapters import gate_only_config, get_gated_peft_model
+    from gated_patch.adapters import gate_only_config, gates_and_lora_config, get_gated_peft_model
 
     model = tiny_model("llama", seed=14)
     gated_patch.patch_model(model, gated_patch.GateConfig(init="paper"))
@@ -244,10 +244,11 @@ def test_fused_and_peft_wrapped_gates_report_the_same_statistics():
     tokens = torch.randint(3, 97, (32,), generator=torch.Generator().manual_seed(15)).tolist()
     reference = inspect_model(model, tokens, window=16, progress=False)
 
-    fused = gated_patch.fuse_gates(copy.deepcopy(model))  # gate pre-activations come from the fused GEMM
     wrapped = get_gated_peft_model(copy.deepcopy(model), gate_only_config())  # gate called through a PEFT layer
-    for other in (inspect_model(fused, tokens, window=16, progress=False),
-                  inspect_model(wrapped, tokens, window=16, progress=False)):
+    # o_proj wrapped in a (zero-initialised) LoRA layer: the gate moves to the new module in the slot
+    lora = get_gated_peft_model(copy.deepcopy(model), gates_and_lora_config(target_modules=["o_proj"]))
+    for other in (inspect_model(wrapped, tokens, window=16, progress=False),
+                  inspect_model(lora, tokens, window=16, progress=False)):
         for a, b in zip(reference.layers, other.layers):
             assert b.gated
             assert b.gate_mean_per_head == pytest.approx(a.gate_mean_per_head, rel=1e-5)

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 import gated_patch  # noqa: F401  (registers the gated checkpoint classes with the Auto classes)
 from gated_patch import GateConfig, gate_config, gate_parameters, is_patched, patch_model, unpatch_model
-from gated_patch.registry import registered_model_types
+from gated_patch.families import registered_model_types
 
 #: hypothesis examples per property and family (reported in README; keep the file under ~1 CI minute on 2 cores)
 EXAMPLES = {"identity": 12, "round_trip": 10, "unpatch": 10}

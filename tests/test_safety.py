@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import gated_patch
 from conversion import convert as convert_cli
 from gated_patch import GateConfig, GatedCheckpointError, patch_model
-from gated_patch.checkpoints import REMOTE_CODE_FILE
+from gated_patch.checkpoints.remote_code import REMOTE_CODE_FILE
 from gated_patch.checkpoints.convert import convert
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
-import tempfile
 from importlib.metadata import version as _package_version
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,6 +19,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from transformers.utils import logging
 
+from ..checkpoints.files import staging_directory
 from ..core.attention import GATE_MODULE_NAME, gated_subclass
 from ..core.config import GateConfig
 from ..core.errors import NotPatchedError
@@ -121,14 +121,11 @@ class GatedPeftModelMixin:
         records = {name: adapter_record(self, name) for name in selected}
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with staging_directory(target) as staging:
             super().save_pretrained(str(staging), *args, **kwargs)
             for name, record in records.items():
                 write_record(staging if name == "default" else staging / name, record)
             _publish(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
         directory = _local_adapter_dir(model_id, kwargs.get("revision"))
@@ -139,7 +136,7 @@ class GatedPeftModelMixin:
 
 
 def _as_gated_peft_model(peft_model: PeftModel) -> PeftModel:
-    peft_model.__class__ = gated_subclass(type(peft_model), GatedPeftModelMixin, "attention gate records and checks")
+    peft_model.__class__ = gated_subclass(type(peft_model), GatedPeftModelMixin)
     return peft_model
 
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ..core.attention import GATE_MODULE_NAME, GatedAttentionMixin
+from ..checkpoints.files import write_json
+from ..core.attention import GATE_MODULE_NAME
+from ..gating import gated_attention_modules
 from ..core.errors import GatedPatchError
 
 SIDECAR_NAME = "gated_patch_adapter.json"
@@ -48,13 +49,9 @@ def original_gate(module: nn.Module) -> nn.Module:
     return module
 
 
-def gated_attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, GatedAttentionMixin)]
-
-
 def gate_module_names(model: nn.Module) -> list[str]:
     """Names (as in ``model.named_modules()``) of the gate slots of a patched transformers model."""
-    return [f"{name}.{GATE_MODULE_NAME}" if name else GATE_MODULE_NAME for name, _ in gated_attentions(model)]
+    return [f"{name}.{GATE_MODULE_NAME}" if name else GATE_MODULE_NAME for name, _ in gated_attention_modules(model)]
 
 
 def base_gate_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,21 +75,10 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def write_record(directory: str | os.PathLike, record: dict[str, Any]) -> Path:
-    """Write the sidecar atomically (temporary file beside it, then ``os.replace``)."""
+    """Write the sidecar atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / SIDECAR_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{SIDECAR_NAME}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return write_json(directory / SIDECAR_NAME, record)
 
 
 def read_record(directory: str | os.PathLike) -> Optional[dict[str, Any]]:

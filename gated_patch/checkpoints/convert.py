@@ -9,33 +9,36 @@ in a temporary directory beside OUT and renamed into place at the end; SRC is on
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
+from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
 
 from ..core.attention import GATE_MODULE_NAME
+from ..core.checkpoint import GATE_CONFIG_KEY, GATE_MODULES_KEY
 from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError
+from ..families import get_model_family
 from . import layouts
-from .format import auto_map, checkpoint_family, gated_model_type
+from .files import (DTYPES, SourceShard, find_weight_files, open_shards, read_json, staging_directory, tensor_nbytes,
+                    write_json, write_safetensors)
+from .format import family_of, gated_config_entries, is_gate_tensor, is_gated_model_type
+from .model_card import MODEL_CARD_FILE, exported_model_card, gated_model_card
 from .remote_code import write_remote_code
-from .remote_model import GATE_CONFIG_KEY, GATED_PREFIX
-from .tensor_files import DTYPE_NAMES, SourceShard, tensor_nbytes, write_safetensors
 from .validate import check_gate_tensors, gate_config_from
 
 SOURCE_LAYOUTS = ("auto", "plain", layouts.PAPER, layouts.QWEN3_NEXT)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_proj|o_proj|" + GATE_MODULE_NAME + r")\.(weight|bias)$")
+QUERY_PROJECTION = "q_proj"  # the fused layouts put the gate into the query projection
 
 
 @dataclass
@@ -58,6 +61,7 @@ class ConversionPlan:
     source_name: str
     base_model: Optional[str]
     family: str
+    modules: dict  # where the gated modules are (attn_output_gate_modules)
     source_layout: str  # plain / paper / qwen3-next / plugin (a gated checkpoint)
     target_layout: str  # plugin / paper / qwen3-next
     gate: GateConfig
@@ -69,7 +73,7 @@ class ConversionPlan:
 
     @property
     def gate_tensors(self) -> list[str]:
-        return [name for shard in self.shards for name, _, _ in shard.entries if f".{GATE_MODULE_NAME}." in name]
+        return [name for shard in self.shards for name, _, _ in shard.entries if is_gate_tensor(name)]
 
     def describe(self) -> str:
         lines = [
@@ -123,65 +127,16 @@ def resolve_source(
     )
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GatedCheckpointError(f"{path}: not found; {what}.") from None
-    except (OSError, ValueError) as exc:
-        raise GatedCheckpointError(f"{path}: cannot read it as JSON ({exc}); fix or re-download the file.") from exc
-    if not isinstance(data, dict):
-        raise GatedCheckpointError(f"{path}: expected a JSON object; fix or re-download the file.")
-    return data
-
-
-def _weight_files(source: Path, allow_pickle: bool) -> tuple[list[SourceShard], dict[str, SourceShard]]:
+def _source_shards(source: Path, allow_pickle: bool) -> tuple[list[SourceShard], dict[str, SourceShard]]:
     """The source weight files (validated) and a map tensor name -> shard."""
-    single, index = source / "model.safetensors", source / "model.safetensors.index.json"
-    pickled_single, pickled_index = source / "pytorch_model.bin", source / "pytorch_model.bin.index.json"
-    if single.exists():  # transformers gives model.safetensors precedence over an index
-        files, weight_map = [single], None
-    elif index.exists():
-        weight_map = _read_json(index, "the sharded checkpoint's index is missing").get("weight_map")
-        files = None
-    elif pickled_single.exists() or pickled_index.exists():
-        if not allow_pickle:
-            bad = pickled_single if pickled_single.exists() else pickled_index
-            raise GatedCheckpointError(
-                f"{bad}: pickled PyTorch weights are refused (loading them can run arbitrary code). Convert the "
-                "checkpoint to safetensors, or pass --allow-pickle if you trust it."
-            )
-        if pickled_single.exists():
-            files, weight_map = [pickled_single], None
-        else:
-            weight_map = _read_json(pickled_index, "the sharded checkpoint's index is missing").get("weight_map")
-            files = None
-    else:
-        raise GatedCheckpointError(
-            f"{source}: no model.safetensors or model.safetensors.index.json; SRC must be a transformers checkpoint "
-            "with safetensors weights."
-        )
-    if weight_map is not None:
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise GatedCheckpointError(f"{source}: the index has no weight_map; fix or re-download it.")
-        files = [source / name for name in sorted(set(weight_map.values()))]
-    shards = []
-    for path in files:
-        if not path.exists():
-            raise GatedCheckpointError(f"{path}: listed in the index but missing; download the complete checkpoint.")
-        shards.append(SourceShard(path, allow_pickle=allow_pickle))
-    by_name: dict[str, SourceShard] = {}
-    for shard in shards:
-        for name in shard.entries:
-            by_name[name] = shard
-    if weight_map is not None:
-        for name, file in weight_map.items():
-            if by_name.get(name) is None or by_name[name].path.name != file:
-                raise GatedCheckpointError(
-                    f"{source / file}: does not contain {name!r} listed in the index; the checkpoint is incomplete. "
-                    "Download it again."
-                )
-    return shards, by_name
+    weights = find_weight_files(source)
+    if weights is None:
+        raise GatedCheckpointError(f"{source}: no model.safetensors or model.safetensors.index.json; SRC must be a "
+                                   "transformers checkpoint with safetensors weights.")
+    if weights.pickled and not allow_pickle:
+        raise GatedCheckpointError(f"{weights.listing}: pickled PyTorch weights are refused (loading them can run arbitrary "
+                                   "code). Convert the checkpoint to safetensors, or pass --allow-pickle if you trust it.")
+    return open_shards(weights, allow_pickle=allow_pickle)
 
 
 def _extra_files(source: Path) -> list[Path]:
@@ -189,7 +144,7 @@ def _extra_files(source: Path) -> list[Path]:
     keep = []
     for path in sorted(source.iterdir()):
         name = path.name
-        if not path.is_file() or name.startswith(".") or name in ("config.json", "README.md"):
+        if not path.is_file() or name.startswith(".") or name in (CONFIG_NAME, MODEL_CARD_FILE):
             continue
         if name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json") or name.endswith(".py"):
             continue
@@ -198,6 +153,12 @@ def _extra_files(source: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------------------- plan
+
+
+def _upstream_classes(family: str) -> tuple[type, type]:
+    """transformers' config and causal-LM classes of `family`."""
+    config_class = CONFIG_MAPPING[family]
+    return config_class, MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
 
 
 def plan_conversion(
@@ -217,11 +178,16 @@ def plan_conversion(
         raise GatedCheckpointError(f"Unknown source layout {source_layout!r}; choose one of {list(SOURCE_LAYOUTS)}.")
     if target_layout not in layouts.LAYOUTS:
         raise GatedCheckpointError(f"Unknown target layout {target_layout!r}; choose one of {list(layouts.LAYOUTS)}.")
-    config = _read_json(source / "config.json", "SRC must be a transformers checkpoint directory")
+    config_path = source / CONFIG_NAME
+    config = read_json(config_path, "SRC must be a transformers checkpoint directory")
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
-        raise GatedCheckpointError(f"{source / 'config.json'}: no model_type; SRC must be a transformers checkpoint.")
-    family = checkpoint_family(model_type)[0].model_type
+        raise GatedCheckpointError(f"{config_path}: no model_type; SRC must be a transformers checkpoint.")
+    family = family_of(model_type)
+    if is_gated_model_type(model_type):
+        gate, modules = gate_config_from(config, config_path)  # a malformed section: an error naming the file
+    else:
+        modules = get_model_family(family).gate_modules  # an unsupported family: an error naming the fix
     try:
         shape = layouts.AttentionShape.from_config(config)
         num_layers = config["num_hidden_layers"]
@@ -231,7 +197,7 @@ def plan_conversion(
         ) from None
     notes: list[str] = []
 
-    if model_type.startswith(GATED_PREFIX):
+    if is_gated_model_type(model_type):
         if target_layout == layouts.PLUGIN:
             raise GatedCheckpointError(
                 f"{source}: already a gated checkpoint (model_type {model_type!r}); nothing to convert. Pass "
@@ -240,7 +206,6 @@ def plan_conversion(
         if source_layout not in ("auto",):
             raise GatedCheckpointError(f"{source}: a gated checkpoint has the plugin layout; drop --source-layout.")
         detected = layouts.PLUGIN
-        gate = gate_config_from(config, source / "config.json")  # a malformed section: error naming the file
         layouts.check_exportable(gate, num_layers, target_layout)
     else:
         if target_layout != layouts.PLUGIN:
@@ -262,17 +227,20 @@ def plan_conversion(
                 f"{source / 'config.json'}: sets {layouts.PAPER_FLAGS[flagged]}, i.e. the paper layout, not "
                 f"{detected}; drop --source-layout or pass --source-layout paper."
             )
-    shards, by_name = _weight_files(source, allow_pickle)
+    shards, by_name = _source_shards(source, allow_pickle)
     if detected == layouts.PLUGIN:  # wrong-shaped, non-float, missing or extra gate tensors: refused before writing
-        listing = shards[0].path if len(shards) == 1 else source / "model.safetensors.index.json"
-        check_gate_tensors(gate, config, source / "config.json", {n: s.entries[n] for n, s in by_name.items()},
+        listing = shards[0].path if len(shards) == 1 else source / SAFE_WEIGHTS_INDEX_NAME
+        check_gate_tensors(gate, modules, config, config_path, {n: s.entries[n] for n, s in by_name.items()},
                            {n: s.path for n, s in by_name.items()}, listing)
 
+    def layer_name(i, module, kind):
+        return f"{modules['decoder_layers']}.{i}.{modules['attention']}.{module}.{kind}"
+
     def q_name(i, kind):
-        return f"model.layers.{i}.self_attn.q_proj.{kind}"
+        return layer_name(i, QUERY_PROJECTION, kind)
 
     def gate_name(i, kind):
-        return f"model.layers.{i}.self_attn.{GATE_MODULE_NAME}.{kind}"
+        return layer_name(i, GATE_MODULE_NAME, kind)
 
     def entry(name):
         if name not in by_name:
@@ -312,7 +280,7 @@ def plan_conversion(
     elif detected == "plain":  # add new gates
         if gate is None:
             gate = GateConfig()
-        if any(f".{GATE_MODULE_NAME}." in name for name in by_name):
+        if any(is_gate_tensor(name) for name in by_name):
             raise GatedCheckpointError(f"{source}: has gate tensors but model_type {model_type!r}; it is not a plain checkpoint.")
         if entry(q_name(0, "weight"))[1][0] != shape.num_heads * shape.head_dim:
             raise GatedCheckpointError(
@@ -324,8 +292,8 @@ def plan_conversion(
         in_features = shape.hidden_size if gate.gate_input == "hidden_states" else shape.num_heads * shape.head_dim
         rows = shape.gate_rows(gate.granularity)
         for i in gate.layer_indices(num_layers):
-            dtype = entry(f"model.layers.{i}.self_attn.o_proj.weight")[0]
-            torch_dtype = {v: k for k, v in DTYPE_NAMES.items()}[dtype]
+            dtype = entry(layer_name(i, modules["output_projection"], "weight"))[0]
+            torch_dtype = DTYPES[dtype]
 
             def weight(layer=i, torch_dtype=torch_dtype):
                 if gate.init == "identity":
@@ -363,27 +331,19 @@ def plan_conversion(
                     return layouts.fuse(query, gate_part, target_layout, granularity, shape)
 
                 replaced[q_name(i, kind)] = [(q_name(i, kind), dtype, (shape.fused_rows(granularity), *rest), fused)]
-        for key in (GATE_CONFIG_KEY, "auto_map"):
+        for key in (GATE_CONFIG_KEY, GATE_MODULES_KEY, "auto_map"):
             out_config.pop(key, None)
-        upstream_config, upstream_model, _, _ = checkpoint_family(family)
         out_config["model_type"] = family
-        out_config["architectures"] = [upstream_model.__name__]
+        out_config["architectures"] = [_upstream_classes(family)[1].__name__]
         if target_layout == layouts.PAPER:
             for granularity_name, flag in layouts.PAPER_FLAGS.items():
                 out_config[flag] = granularity_name == granularity
 
     if target_layout == layouts.PLUGIN:
-        gated_config = checkpoint_family(family)[2]
-        previous = {k: v for k, v in (config.get("auto_map") or {}).items()
-                    if not (k == "AutoConfig" or k.startswith("AutoModel"))}
-        if config.get("auto_map") and previous != config.get("auto_map"):
+        source_auto_map = config.get("auto_map") or {}
+        if any(key == "AutoConfig" or key.startswith("AutoModel") for key in source_auto_map):
             notes.append("dropped the source's own modeling code (auto_map) in favour of the gated remote code")
-        out_config.update(
-            model_type=gated_model_type(family),
-            architectures=[f"Gated{gated_config.__name__[len('Gated'):-len('Config')]}ForCausalLM"],
-            auto_map={**previous, **auto_map(family)},
-        )
-        out_config[GATE_CONFIG_KEY] = gate.to_dict()
+        out_config.update(gated_config_entries(*_upstream_classes(family), gate, modules, source_auto_map))
 
     # ---- output shards, in source order; unchanged shards are byte copies
     out_shards: list[OutputShard] = []
@@ -420,6 +380,7 @@ def plan_conversion(
         source_name=source_name or str(source),
         base_model=base_model,
         family=family,
+        modules=modules,
         source_layout=detected,
         target_layout=target_layout,
         gate=gate,
@@ -446,64 +407,60 @@ def _check_output(source: Path, out: Path, overwrite: bool) -> None:
 
 def write_plan(plan: ConversionPlan, out: Path, *, overwrite: bool = False, progress: bool = True) -> Path:
     """Write the planned checkpoint to `out` atomically (temporary directory beside it, renamed at the end)."""
-    from .model_card import exported_model_card, gated_model_card
-
     out = Path(out)
     _check_output(plan.source, out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT gets the usual directory mode
-        weight_map, total_size, total_parameters = {}, 0, 0
-        bar = tqdm(total=sum(s.nbytes for s in plan.shards), unit="B", unit_scale=True, desc="converting",
-                   disable=not progress)
-        with bar:
-            for shard in plan.shards:
-                bar.set_postfix_str(shard.name)
-                if shard.copy_from is not None:
-                    shutil.copyfile(shard.copy_from.path, tmp / shard.name)
-                else:
-                    write_safetensors(tmp / shard.name, shard.entries, lambda n, s=shard: s.producers[n]())
-                for name, dtype, tshape in shard.entries:
-                    weight_map[name] = shard.name
-                    numel = 1
-                    for dim in tshape:
-                        numel *= dim
-                    total_parameters += numel
-                total_size += shard.nbytes
-                bar.update(shard.nbytes)
-                for source_shard in plan.sources:  # unmap what this shard read: peak memory stays ~ one shard
-                    source_shard.close()
-        index = {"metadata": {"total_size": total_size, "total_parameters": total_parameters}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
-        for path in plan.extra_files:
-            shutil.copyfile(path, tmp / path.name)
-        if plan.target_layout == layouts.PLUGIN:
-            write_remote_code(tmp)
-            card = gated_model_card(plan.base_model, plan.source_name, plan.gate, plan.source_layout)
-        else:
-            card = exported_model_card(plan.source_name, plan.gate, plan.target_layout)
-        card.save(tmp / "README.md")
-        _commit(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staging_directory(out) as tmp:
+            _write_into(plan, tmp, progress)
+            _commit(tmp, out, overwrite)
     finally:
         for shard in plan.sources:
             shard.close()
     return out
 
 
+def _write_into(plan: ConversionPlan, tmp: Path, progress: bool) -> None:
+    """Write every file of the planned checkpoint into the (staging) directory `tmp`."""
+    weight_map, total_size, total_parameters = {}, 0, 0
+    bar = tqdm(total=sum(s.nbytes for s in plan.shards), unit="B", unit_scale=True, desc="converting",
+               disable=not progress)
+    with bar:
+        for shard in plan.shards:
+            bar.set_postfix_str(shard.name)
+            if shard.copy_from is not None:
+                shutil.copyfile(shard.copy_from.path, tmp / shard.name)
+            else:
+                write_safetensors(tmp / shard.name, shard.entries, lambda n, s=shard: s.producers[n]())
+            for name, dtype, tshape in shard.entries:
+                weight_map[name] = shard.name
+                numel = 1
+                for dim in tshape:
+                    numel *= dim
+                total_parameters += numel
+            total_size += shard.nbytes
+            bar.update(shard.nbytes)
+            for source_shard in plan.sources:  # unmap what this shard read: peak memory stays ~ one shard
+                source_shard.close()
+    index = {"metadata": {"total_size": total_size, "total_parameters": total_parameters}, "weight_map": weight_map}
+    write_json(tmp / SAFE_WEIGHTS_INDEX_NAME, index)
+    write_json(tmp / CONFIG_NAME, plan.config)
+    for path in plan.extra_files:
+        shutil.copyfile(path, tmp / path.name)
+    if plan.target_layout == layouts.PLUGIN:
+        write_remote_code(tmp)
+        card = gated_model_card(plan.base_model, plan.source_name, plan.gate, plan.source_layout)
+    else:
+        card = exported_model_card(plan.source_name, plan.gate, plan.target_layout)
+    card.save(tmp / MODEL_CARD_FILE)
+
+
 def _commit(tmp: Path, out: Path, overwrite: bool = False) -> None:
     """Move the finished output into place. Without `overwrite` the rename never replaces a non-empty OUT, so of two
     converters racing to the same OUT exactly one wins and the other refuses (tests/test_interrupted_conversion.py)."""
     if overwrite and out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
-        os.replace(out, trash / "old")
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
+        with staging_directory(out) as trash:  # the old OUT waits there, whole, until the new one is in place
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
         return
     try:
         os.rename(tmp, out)  # fails with ENOTEMPTY / EEXIST when another process created OUT meanwhile
@@ -546,18 +503,20 @@ def verify_conversion(plan: ConversionPlan, out: Path) -> str:
     # fused layouts: round trip the tensors through the inverse conversion
     back_layout = plan.source_layout if plan.target_layout == layouts.PLUGIN else layouts.PLUGIN
     shape = layouts.AttentionShape.from_config(plan.config)
-    out_shards, out_names = _weight_files(out, allow_pickle=False)
-    _, src_names = _weight_files(plan.source, allow_pickle=True)
+    out_shards, out_names = _source_shards(out, allow_pickle=False)
+    _, src_names = _source_shards(plan.source, allow_pickle=True)
     granularity = plan.gate.granularity
+    layer_tensor = re.compile(rf"^{re.escape(plan.modules['decoder_layers'])}\.\d+\.{re.escape(plan.modules['attention'])}"
+                              r"\.(\w+)\.(weight|bias)$")
     checked = 0
     for name, shard in src_names.items():
         expected = shard.get(name)
-        match = _LAYER.match(name)
-        if back_layout == layouts.PLUGIN and match and match.group(2) == GATE_MODULE_NAME:
+        match = layer_tensor.match(name)
+        if back_layout == layouts.PLUGIN and match and match.group(1) == GATE_MODULE_NAME:
             continue  # checked together with q_proj below
-        if match and match.group(2) == "q_proj":
+        if match and match.group(1) == QUERY_PROJECTION:
             query_name = name
-            gate_name = name.replace(".q_proj.", f".{GATE_MODULE_NAME}.")
+            gate_name = name.replace(f".{QUERY_PROJECTION}.", f".{GATE_MODULE_NAME}.")
             if back_layout == layouts.PLUGIN:  # result is fused: split it back
                 query, gate_part = layouts.split_fused(out_names[query_name].get(query_name), plan.target_layout,
                                                        granularity, shape)
@@ -616,7 +575,7 @@ def convert(
         _check_output(source, out, overwrite)
     base_model = repo_id
     if base_model is None:
-        name = _read_json(source / "config.json", "SRC must be a transformers checkpoint directory").get("_name_or_path")
+        name = read_json(source / CONFIG_NAME, "SRC must be a transformers checkpoint directory").get("_name_or_path")
         base_model = name if isinstance(name, str) and _REPO_ID.match(name) else None
     plan = plan_conversion(
         source, gate, source_name=src, base_model=base_model, source_layout=source_layout,

@@ -2,47 +2,43 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
+from huggingface_hub import HfApi
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from ..core.checkpoint import GATE_CONFIG_KEY
 from ..core.errors import GatedCheckpointError
+from .files import read_json
+from .format import is_gated_model_type
+from .model_card import MODEL_CARD_FILE
 from .remote_code import REMOTE_CODE_FILE
-from .remote_model import GATE_CONFIG_KEY, GATED_PREFIX
 
 
 def check_pushable(folder: Path) -> dict:
     """The config of a complete gated checkpoint directory; a clear error otherwise."""
-    config_path = folder / "config.json"
     if not folder.is_dir():
         raise GatedCheckpointError(f"{folder}: no such directory; pass the directory written by gated-patch-convert.")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise GatedCheckpointError(f"{config_path}: cannot read ({exc}); pass a checkpoint directory.") from exc
-    model_type = str(config.get("model_type"))
-    if model_type.startswith(GATED_PREFIX):
-        missing = [name for name in ("model.safetensors.index.json", REMOTE_CODE_FILE) if not (folder / name).exists()]
-        if (folder / "model.safetensors").exists() and "model.safetensors.index.json" in missing:
-            missing.remove("model.safetensors.index.json")
-        if GATE_CONFIG_KEY not in config:
-            missing.append(f"config.json:{GATE_CONFIG_KEY}")
+    config = read_json(folder / CONFIG_NAME, "pass a checkpoint directory")
+    model_type = config.get("model_type")
+    if is_gated_model_type(model_type):
+        weights = SAFE_WEIGHTS_NAME if (folder / SAFE_WEIGHTS_NAME).exists() else SAFE_WEIGHTS_INDEX_NAME
+        missing = [name for name in (weights, REMOTE_CODE_FILE) if not (folder / name).exists()]
+        missing += [f"{CONFIG_NAME}:{GATE_CONFIG_KEY}"] if GATE_CONFIG_KEY not in config else []
         if missing:
-            raise GatedCheckpointError(
-                f"{folder}: incomplete gated checkpoint (missing {missing}); re-run gated-patch-convert or "
-                "model.save_pretrained."
-            )
+            raise GatedCheckpointError(f"{folder}: incomplete gated checkpoint (missing {missing}); re-run "
+                                       "gated-patch-convert or model.save_pretrained.")
     elif not _is_exported(folder):
         raise GatedCheckpointError(
-            f"{folder}: model_type {model_type!r} is not a gated checkpoint; convert it first (gated-patch-convert)."
-        )
+            f"{folder}: model_type {model_type!r} is not a gated checkpoint; convert it first (gated-patch-convert).")
     return config
 
 
 def _is_exported(folder: Path) -> bool:
     """A checkpoint exported by gated_patch to a fused gate layout (its model card says so)."""
     try:
-        return "gate-layout-" in (folder / "README.md").read_text(encoding="utf-8")
+        return "gate-layout-" in (folder / MODEL_CARD_FILE).read_text(encoding="utf-8")
     except OSError:
         return False
 
@@ -66,8 +62,6 @@ def push_to_hub(
     folder = Path(folder)
     config = check_pushable(folder)
     if api is None:
-        from huggingface_hub import HfApi
-
         api = HfApi(token=token)
     message = commit_message or f"Upload gated checkpoint ({config.get('model_type')}) with gated_patch"
     try:

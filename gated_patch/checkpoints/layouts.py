@@ -25,6 +25,7 @@ import torch
 
 from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError
+from ..core.gate import gate_shape
 
 PLUGIN = "plugin"
 PAPER = "paper"
@@ -56,7 +57,7 @@ class AttentionShape:
         return self.num_heads // self.num_kv_heads
 
     def gate_rows(self, granularity: str) -> int:
-        return self.num_heads * self.head_dim if granularity == "elementwise" else self.num_heads
+        return gate_shape(GateConfig(granularity=granularity), self.hidden_size, self.num_heads, self.head_dim)[0]
 
     def fused_rows(self, granularity: str) -> int:
         return self.num_heads * self.head_dim + self.gate_rows(granularity)

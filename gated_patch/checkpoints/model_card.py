@@ -9,6 +9,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..core.config import GateConfig
 
+MODEL_CARD_FILE = "README.md"
+
 _TEMPLATE = """---
 {{ card_data }}
 ---

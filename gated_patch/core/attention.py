@@ -1,168 +1,99 @@
-"""The one shared mechanism that puts a gate in front of an attention module's output projection.
+"""The one mechanism for every family: a gate in front of an attention module's output projection, added with hooks.
 
-Upstream attention forwards (Llama, Qwen2, Mistral, Qwen3, ...) end with ``self.o_proj(attn_output)``. Patching
-swaps the attention instance's class for a subclass of its own class (so ``isinstance`` checks such as
-``output_attentions`` recording keep working) whose ``forward`` records the block input for the duration of the
-call; a forward pre-hook on the module in the output-projection slot multiplies the gate onto its input. The hook
-follows whatever module sits in the slot (PEFT may wrap ``o_proj`` in a LoRA layer), so adapters on the output
-projection see the gated input, exactly as in ``o_proj(Y * g)``.
+Upstream attention forwards end with ``self.o_proj(attn_output)``. `attach_gate` adds the gate as a child module and
+hooks: the attention module's hooks hold its input (the normed hidden states) for the duration of each call (cleared
+even if the forward raises), and a pre-hook on the module in the output-projection slot multiplies the gate onto that
+module's input. The slot hook follows whatever fills the slot, so a LoRA layer wrapping o_proj sees the gated input,
+exactly as in ``o_proj(Y * g)``. The attention class itself is never changed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
 
 from torch import nn
 
 from .config import GateConfig
-from .gate import AttentionGateLinear, apply_attention_output_gate, gate_input_features, gate_output_features
+from .gate import AttentionGateLinear, apply_gate, gate_shape
 
 GATE_MODULE_NAME = "attn_gate"
-_CONTEXT_ATTR = "_gated_patch_context"
-_HOOK_ATTR = "_gated_patch_hook"
-
-_GATED_CLASS_CACHE: dict[tuple[type, type], type] = {}
+_HOOKS, _CONTEXT = "_gated_attention_hooks", "_gated_attention_input"  # __dict__ keys: handles; (attention, input)
 
 
-def _gate_output_projection_input(projection: nn.Module, args: tuple) -> tuple | None:
-    context = projection.__dict__.get(_CONTEXT_ATTR)
-    if context is None:  # called outside a gated attention forward (or a wrapped inner layer): pass through
-        return None
-    attention, hidden_states = context
-    return (attention.gate_attention_output(args[0], hidden_states), *args[1:])
+def is_gated_attention(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("gate_config"), GateConfig)
 
 
-def install_output_projection_hook(projection: nn.Module) -> None:
-    if not projection.__dict__.get(_HOOK_ATTR, False):
-        projection.__dict__[_CONTEXT_ATTR] = None
-        projection.register_forward_pre_hook(_gate_output_projection_input)
-        projection.__dict__[_HOOK_ATTR] = True
+def gated_output_projection(attention: nn.Module) -> nn.Module:
+    """The module in a gated attention's output-projection slot, with the gate's pre-hook (added if it is new there)."""
+    projection = getattr(attention, attention.gate_projection_name)
+    if _CONTEXT not in projection.__dict__:  # new in the slot: patching, or PEFT wrapped or unloaded the projection
+        projection.__dict__[_CONTEXT] = None
+        attention.__dict__[_HOOKS].append(projection.register_forward_pre_hook(_gate_projection_input))
+    return projection
 
 
-def remove_output_projection_hook(projection: nn.Module) -> None:
-    for key, hook in list(projection._forward_pre_hooks.items()):
-        if hook is _gate_output_projection_input:
-            del projection._forward_pre_hooks[key]
-    projection.__dict__.pop(_HOOK_ATTR, None)
-    projection.__dict__.pop(_CONTEXT_ATTR, None)
+def _hold_input(attention, args, kwargs) -> None:
+    gated_output_projection(attention).__dict__[_CONTEXT] = (attention, args[0] if args else kwargs["hidden_states"])
 
 
-class GatedAttentionMixin:
-    """Mixed in front of an upstream attention class; see the module docstring."""
-
-    gate_config: GateConfig
-    gate_num_heads: int
-    output_projection_name: str = "o_proj"
-
-    def forward(self, hidden_states, *args: Any, **kwargs: Any):
-        projection = self._modules[self.output_projection_name]
-        if not projection.__dict__.get(_HOOK_ATTR, False):  # the slot was re-filled (PEFT wrap / unload) since patching
-            install_output_projection_hook(projection)
-        projection.__dict__[_CONTEXT_ATTR] = (self, hidden_states)
-        try:
-            return super().forward(hidden_states, *args, **kwargs)
-        finally:
-            projection.__dict__[_CONTEXT_ATTR] = None
-
-    def gate_attention_output(self, attn_output, hidden_states):
-        return apply_attention_output_gate(
-            attn_output, hidden_states, self._modules[GATE_MODULE_NAME], self.gate_config, self.gate_num_heads
-        )
+def _release_input(attention, args, kwargs, output) -> None:
+    getattr(attention, attention.gate_projection_name).__dict__[_CONTEXT] = None
 
 
-def attach_gate(
-    attention: nn.Module,
-    config: GateConfig,
-    *,
-    hidden_size: int,
-    init_std: float,
-    output_projection: str = "o_proj",
-    device=None,
-) -> None:
-    """Turn one upstream attention module into a gated one: class swap, `attn_gate` child, o_proj pre-hook.
+def _gate_projection_input(projection, args):
+    context = projection.__dict__.get(_CONTEXT)  # None outside a gated call, e.g. for the base layer of a LoRA wrapper
+    if context is not None:
+        attention, hidden_states = context
+        gate, config = getattr(attention, GATE_MODULE_NAME), attention.gate_config
+        return (apply_gate(args[0], hidden_states, gate, config, attention.gate_num_heads), *args[1:])
 
-    The gate is created with the output projection's dtype, on `device` (default: the projection weight's device).
-    """
-    projection = attention._modules[output_projection]
+
+def attach_gate(attention: nn.Module, config: GateConfig, *, hidden_size: int, init_std: float,
+                output_projection: str = "o_proj", device=None) -> None:
+    """Gate one attention module; the gate gets the output projection's dtype and (by default) device."""
+    projection = getattr(attention, output_projection)
     num_heads = projection.in_features // attention.head_dim
-    gate = AttentionGateLinear(
-        gate_input_features(config, hidden_size, num_heads, attention.head_dim),
-        gate_output_features(config, num_heads, attention.head_dim),
-        bias=config.bias,
-        init=config.init,
-        init_std=init_std,
-        device=projection.weight.device if device is None else device,
-        dtype=projection.weight.dtype,
-    )
-    gate.train(attention.training)  # a gate added to a model in eval mode is in eval mode too
-    attention.__class__ = gated_attention_class(type(attention))
-    attention.gate_config = config
-    attention.gate_num_heads = num_heads
-    attention.output_projection_name = output_projection
-    attention.add_module(GATE_MODULE_NAME, gate)
-    install_output_projection_hook(projection)
+    out_features, in_features = gate_shape(config, hidden_size, num_heads, attention.head_dim)
+    gate = AttentionGateLinear(in_features, out_features, bias=config.bias, init=config.init, init_std=init_std,
+                               device=device or projection.weight.device, dtype=projection.weight.dtype)
+    attention.add_module(GATE_MODULE_NAME, gate.train(attention.training))
+    attention.gate_config, attention.gate_num_heads, attention.gate_projection_name = config, num_heads, output_projection
+    attention.__dict__[_HOOKS] = [attention.register_forward_pre_hook(_hold_input, with_kwargs=True),
+                                  attention.register_forward_hook(_release_input, with_kwargs=True, always_call=True)]
+    gated_output_projection(attention)
 
 
 def detach_gate(attention: nn.Module) -> None:
     """Inverse of `attach_gate`: the module is exactly the upstream attention module again."""
-    remove_output_projection_hook(attention._modules[attention.output_projection_name])
-    del attention._modules[GATE_MODULE_NAME]
-    for attribute in ("gate_config", "gate_num_heads", "output_projection_name"):
-        attention.__dict__.pop(attribute, None)
-    attention.__class__ = original_class(type(attention))
+    for handle in attention.__dict__.pop(_HOOKS):
+        handle.remove()
+    for module in attention.modules():
+        module.__dict__.pop(_CONTEXT, None)
+    delattr(attention, GATE_MODULE_NAME)
+    for name in ("gate_config", "gate_num_heads", "gate_projection_name"):
+        del attention.__dict__[name]
 
 
 class GatedPreTrainedMixin:
-    """Mixed in front of a patched model's `PreTrainedModel` classes (the outer model and the inner base model,
-    since transformers dispatches `_init_weights` per sub-model) so that weight initialisation gives the gate its
-    own init instead of the generic ``normal(0, 0.02)``."""
+    """In front of a gated model's `PreTrainedModel` classes: weight init gives each gate its own init.
+
+    transformers' generic init (normal(0, 0.02)) would turn an identity gate into a random ~0.5 gate; it is dispatched
+    per sub-model, so the mixin goes in front of the inner base model's class too.
+    """
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, AttentionGateLinear):
-            module.reset_parameters()
-            return
-        super()._init_weights(module)
-
-    #: Installed by `gated_patch.checkpoints` (outside core, so core stays torch + transformers only): a function
-    #: ``saver(model, plain_save, save_directory, *args, **kwargs)`` that writes the gated checkpoint format
-    #: (``gated_<family>`` model_type, gate config, remote code). ``None``: transformers' plain save.
-    checkpoint_saver = None
-
-    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
-        saver = GatedPreTrainedMixin.checkpoint_saver
-        if saver is None:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        return saver(self, super().save_pretrained, save_directory, *args, **kwargs)
+        module.reset_parameters() if isinstance(module, AttentionGateLinear) else super()._init_weights(module)
 
 
-def gated_subclass(base: type, mixin: type, what: str) -> type:
-    """``Gated<Base>``: `mixin` in front of `base`. Cached per (base, mixin) and importable from this module by name,
-    so ``isinstance``, pickling and ``copy.deepcopy`` of patched models all work."""
-    if issubclass(base, mixin):
-        return base
-    cls = _GATED_CLASS_CACHE.get((base, mixin))
-    if cls is None:
-        cls = type(
-            f"Gated{base.__name__}",
-            (mixin, base),
-            {"__module__": __name__, "__doc__": f"{base.__name__} with {what}."},
-        )
-        _GATED_CLASS_CACHE[(base, mixin)] = cls
-        globals()[cls.__name__] = cls
-    return cls
-
-
-def gated_attention_class(attention_class: type) -> type:
-    return gated_subclass(attention_class, GatedAttentionMixin, "an attention output gate")
-
-
-def gated_pretrained_class(model_class: type) -> type:
-    return gated_subclass(model_class, GatedPreTrainedMixin, "attention output gates")
+def gated_subclass(base: type, mixin: type, **attributes) -> type:
+    """``Gated<Base>``: `mixin` in front of `base`, made once and importable from the mixin's module (for pickle)."""
+    namespace, name = vars(sys.modules[mixin.__module__]), f"Gated{base.__name__}"
+    if namespace.get(name, object).__bases__ != (mixin, base):
+        namespace[name] = type(name, (mixin, base), {"__module__": mixin.__module__, **attributes})
+    return namespace[name]
 
 
 def original_class(gated_class: type) -> type:
-    """The upstream class behind a gated attention or model class."""
-    for base in gated_class.__mro__[1:]:
-        if not issubclass(base, (GatedAttentionMixin, GatedPreTrainedMixin)):
-            return base
-    raise TypeError(f"{gated_class} has no ungated base class")
+    """The upstream class behind a ``Gated<Base>`` class."""
+    return next(base for base in gated_class.__mro__ if not issubclass(base, GatedPreTrainedMixin))

@@ -1,4 +1,4 @@
-"""Exceptions raised by gated_patch. Each message says what is wrong and how to fix it."""
+"""Exceptions of gated_patch. Each message says what is wrong and how to fix it."""
 
 
 class GatedPatchError(Exception):
@@ -6,19 +6,19 @@ class GatedPatchError(Exception):
 
 
 class GateConfigError(GatedPatchError, ValueError):
-    """An invalid `GateConfig` value or a gate config that does not fit the model."""
+    """An invalid gate config, or one that does not fit the model."""
 
 
 class UnsupportedModelError(GatedPatchError, ValueError):
-    """The model's `config.model_type` has no registry entry."""
+    """A model whose family gated_patch cannot gate."""
 
 
 class UpstreamStructureError(GatedPatchError, RuntimeError):
-    """The transformers code the plugin hooks into does not have the structure it relies on."""
+    """The transformers code the gate hooks into lacks the structure it relies on."""
 
 
 class AlreadyPatchedError(GatedPatchError, ValueError):
-    """`patch_model` was called with a different config on a model that is already patched."""
+    """`patch_model` with a different gate config on a patched model."""
 
 
 class NotPatchedError(GatedPatchError, ValueError):
@@ -26,4 +26,4 @@ class NotPatchedError(GatedPatchError, ValueError):
 
 
 class GatedCheckpointError(GatedPatchError, ValueError):
-    """A gated checkpoint that cannot be saved, loaded or converted faithfully (e.g. gate tensors missing)."""
+    """A gated checkpoint that cannot be saved, loaded or converted faithfully."""

@@ -6,12 +6,19 @@ import argparse
 import copy
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..arguments import add_gate_config_arguments, gate_config_from_args
+from ..default_model import default_model_dir
+from ..patching import patch_model
+from .measure import default_text, inspect_model, tokenize_for_inspection
+from .report import format_layer_table, format_summary_table, plot_inspections, write_json
+
 DEFAULT_OUTPUT_DIR = "outputs/inspect"
 
 
 def add_inspect_parser(commands) -> argparse.ArgumentParser:
-    from ..cli import add_gate_config_arguments
-
     parser = commands.add_parser(
         "inspect",
         help="measure attention sinks (F-Attn), massive activations (M-Act) and gate statistics per layer",
@@ -47,28 +54,11 @@ def add_inspect_parser(commands) -> argparse.ArgumentParser:
 
 
 def _load(path: str, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:  # registers the gated checkpoint format's auto classes, if this version has it
-        import gated_patch.checkpoints  # noqa: F401
-    except ImportError:
-        pass
     return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from ..cli import gate_config_from_args
-    from ..default_model import default_model_dir
-    from ..patching import patch_model
-    from .measure import default_text, inspect_model, tokenize_for_inspection
-    from .report import format_layer_table, format_summary_table, plot_inspections, write_json
-
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     paths = args.model or [str(default_model_dir())]
     labels = args.label or []

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.attention import GatedAttentionMixin
+from ..core.attention import is_gated_attention
+from ..core.checkpoint import GATE_CONFIG_KEY
 from ..core.errors import UpstreamStructureError
 from .probes import GATE_THRESHOLDS, MetricProbes, attention_module, eager_attention
 
@@ -192,12 +193,12 @@ def inspect_model(
             max_abs_channel=acc.max_abs_channel,
             mean_abs_attn_output=acc.attn_output_abs_sum / max(acc.attn_output_count, 1),
         )
-        if isinstance(attention, GatedAttentionMixin) and not acc.gate_count:
+        if is_gated_attention(attention) and not acc.gate_count:
             raise UpstreamStructureError(
                 f"Layer {index} is gated but its gate module was never called during the forward pass, so its gate "
                 "scores could not be observed. Was the gate replaced by something that bypasses the module call?"
             )
-        if isinstance(attention, GatedAttentionMixin):
+        if is_gated_attention(attention):
             gate_per_head = (acc.gate_sum / acc.gate_count).tolist()
             below_per_head = {str(t): (acc.gate_below[t] / acc.gate_count).tolist() for t in GATE_THRESHOLDS}
             stats.gated = True
@@ -208,7 +209,7 @@ def inspect_model(
             stats.gate_fraction_below = {t: sum(v) / len(v) for t, v in below_per_head.items()}
             stats.gate_min, stats.gate_max = acc.gate_min, acc.gate_max
         layers.append(stats)
-    gate = getattr(model.config, "attn_output_gate", None)
+    gate = getattr(model.config, GATE_CONFIG_KEY, None)
     result = Inspection(
         label=label or ("gated" if gate else "baseline"),
         model_type=model.config.model_type,

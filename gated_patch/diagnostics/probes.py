@@ -16,10 +16,11 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..core.attention import GATE_MODULE_NAME, GatedAttentionMixin, install_output_projection_hook
-from ..core.errors import UnsupportedModelError, UpstreamStructureError
+from ..checkpoints.format import family_of
+from ..core.attention import GATE_MODULE_NAME, is_gated_attention, gated_output_projection
 from ..core.gate import gate_scores
-from ..registry import ModelFamily, get_model_family
+from ..core.errors import UpstreamStructureError
+from ..families import ModelFamily, get_model_family
 
 #: Gate-score thresholds whose fractions are reported (the paper discusses scores near zero as "sparse").
 GATE_THRESHOLDS = (0.1, 0.01)
@@ -46,14 +47,8 @@ class LayerAccumulator:
 
 
 def model_family(model: nn.Module) -> ModelFamily:
-    """The registered family of `model`; a gated checkpoint's ``gated_<family>`` model_type maps to ``<family>``."""
-    model_type = model.config.model_type
-    try:
-        return get_model_family(model_type)
-    except UnsupportedModelError:
-        if model_type.startswith("gated_"):
-            return get_model_family(model_type[len("gated_") :])
-        raise
+    """The registered family of `model` (a gated checkpoint's ``gated_<family>`` model type maps to ``<family>``)."""
+    return get_model_family(family_of(model.config.model_type))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -122,18 +117,15 @@ class MetricProbes:
         self._handles.clear()
 
     def _install_output_hooks(self, index: int, attention: nn.Module) -> None:
-        family = model_family(self.model)
-        name = getattr(attention, "output_projection_name", family.output_projection)
-        projection = attention._modules.get(name)
+        gated = is_gated_attention(attention)
+        name = attention.gate_projection_name if gated else model_family(self.model).output_projection
+        projection = gated_output_projection(attention) if gated else getattr(attention, name, None)  # the gate's hook first
         if projection is None:
             raise UpstreamStructureError(f"Attention module {type(attention).__name__} has no `{name}` projection.")
-        gated = isinstance(attention, GatedAttentionMixin)
-        if gated:
-            install_output_projection_hook(projection)  # idempotent: ensures the gating hook precedes ours
         self._handles.append(projection.register_forward_pre_hook(self._before_gate_hook(index), prepend=True))
         if gated:
             self._handles.append(projection.register_forward_pre_hook(self._after_gate_hook(index)))
-            gate = attention._modules[GATE_MODULE_NAME]
+            gate = getattr(attention, GATE_MODULE_NAME)
             self._handles.append(gate.register_forward_hook(self._gate_hook(index, attention)))
 
     # -- hooks ---------------------------------------------------------------------------------------------------

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..checkpoints import files
 from .measure import FIRST_TOKEN_NOTE, MAX_ACTIVATION_NOTE, UNIFORM_NOTE, Inspection
 
 
@@ -61,30 +60,8 @@ def format_summary_table(results: Sequence[Inspection], extra: Optional[dict[str
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(path, data) -> Path:
-    def write(tmp):
-        with open(tmp, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-
-    return _atomic_write(path, write)
+    return files.write_json(path, data, sort_keys=False)
 
 
 def plot_inspections(results: Sequence[Inspection], path, title: Optional[str] = None) -> Path:
@@ -131,10 +108,9 @@ def plot_inspections(results: Sequence[Inspection], path, title: Optional[str] =
     fig.suptitle(title or " vs ".join(r.label for r in results))
     fig.tight_layout()
 
-    def write(tmp):
-        fig.savefig(tmp, dpi=110, format="png")
-
     try:
-        return _atomic_write(path, write)
+        image = io.BytesIO()
+        fig.savefig(image, dpi=110, format="png")
+        return files.atomic_write(path, image.getvalue())
     finally:
         plt.close(fig)

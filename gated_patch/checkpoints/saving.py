@@ -1,0 +1,63 @@
+"""Saving a patched model: ``save_pretrained`` writes the gated checkpoint format (see `format`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..core.attention import GatedPreTrainedMixin, original_class
+from ..core.checkpoint import GATE_CONFIG_KEY, GATE_MODULES_KEY, gate_config_of, gate_modules_of, gated_config_class
+from ..core.errors import GatedCheckpointError
+from .format import gate_tensor_shapes, gated_config_entries, set_config_class
+from .remote_code import write_remote_code
+
+
+class GatedModelMixin(GatedPreTrainedMixin):
+    """In front of a patched model's `PreTrainedModel` classes: gates get their own weight init, and
+    ``save_pretrained`` writes a gated checkpoint (``gated_<family>`` config, gate tensors, remote code)."""
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        return save_gated_checkpoint(self, super().save_pretrained, save_directory, *args, **kwargs)
+
+
+def save_gated_checkpoint(model, plain_save, save_directory, *args: Any, **kwargs: Any):
+    """transformers' ``save_pretrained`` (`plain_save`) of a patched model, in the gated checkpoint format."""
+    if kwargs.get("push_to_hub"):
+        raise GatedCheckpointError(
+            "save_pretrained(push_to_hub=True) is not supported for gated models (the remote code would not be uploaded). "
+            "Save to a directory, then upload it: `gated-patch-push DIR --repo-id REPO`.")
+    config = model.config
+    gate, modules = gate_config_of(config, f"{type(model).__name__}.config"), gate_modules_of(config)
+    try:
+        num_layers = len(model.get_submodule(modules["decoder_layers"]))
+    except AttributeError:
+        raise GatedCheckpointError(
+            f"Cannot save a gated {type(model).__name__}: gated checkpoints hold whole causal LMs, whose decoder layers are "
+            f"at {modules['decoder_layers']!r}. Save the model AutoModelForCausalLM.from_pretrained(...) returned after "
+            "patch_model, not one of its sub-modules.") from None
+    state_dict = kwargs.get("state_dict")
+    if state_dict is not None:  # e.g. from a Trainer: it must still hold every gate tensor
+        missing = sorted(set(gate_tensor_shapes(gate, modules, {**config.get_text_config().to_dict(),
+                                                                "num_hidden_layers": num_layers})) - set(state_dict))
+        if missing:
+            raise GatedCheckpointError(
+                f"save_pretrained(state_dict=...) lacks the gate tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                "the checkpoint could not be loaded. Pass a state dict of the whole patched model, e.g. model.state_dict().")
+    upstream_config = type(config)
+    entries = gated_config_entries(upstream_config, original_class(type(model)), gate, modules,
+                                   config.__dict__.get("auto_map"))
+    previous = {key: config.__dict__[key] for key in ("auto_map", "architectures") if key in config.__dict__}
+    set_config_class(config, gated_config_class(upstream_config))
+    try:
+        config.auto_map = entries["auto_map"]
+        setattr(config, GATE_CONFIG_KEY, entries[GATE_CONFIG_KEY])
+        setattr(config, GATE_MODULES_KEY, entries[GATE_MODULES_KEY])
+        result = plain_save(save_directory, *args, **kwargs)
+    finally:
+        set_config_class(config, upstream_config)
+        for key in ("auto_map", "architectures"):
+            config.__dict__.pop(key, None)
+        config.__dict__.update(previous)
+    if kwargs.get("is_main_process", True):
+        write_remote_code(Path(save_directory))
+    return result

@@ -1,0 +1,159 @@
+"""Static checks of the code base: no import cycles, the library never imports the scripts in conversion/, distinct
+class names, and a remote-code file that a person can audit (short, public APIs only, torch + transformers + stdlib)."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+from gated_patch.checkpoints.remote_code import MAX_LINES, remote_code_source
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("gated_patch", "conversion")
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the project's packages."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    return f"{package}.{node.module}" if node.module else package
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> project modules it imports, at module level or inside functions.
+
+    Importing ``a.b.c`` also runs the ``__init__`` of ``a`` and ``a.b`` (unless the importer is inside them, when they
+    are already being imported); ``from a import name`` where ``name`` is not a submodule needs ``a``'s ``__init__`` to
+    have defined it, so it is an edge to ``a`` even from inside ``a``.
+    """
+    modules = _modules()
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+
+        def add(name: str, explicit: bool) -> None:
+            parts = name.split(".")
+            for end in range(1, len(parts) + 1):
+                target = ".".join(parts[:end])
+                inside = module == target or module.startswith(target + ".")
+                if target in modules and target != module and (not inside or (explicit and end == len(parts))):
+                    targets.add(target)
+
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    add(alias.name, explicit=False)
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(module, path, node)
+                for alias in node.names:
+                    submodule = f"{base}.{alias.name}"
+                    add(submodule, explicit=False) if submodule in modules else add(base, explicit=True)
+        graph[module] = targets
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == [["a", "b", "c"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert {"gated_patch", "gated_patch.core.attention", "conversion.convert"} <= set(graph)
+    assert "gated_patch.patching" in graph["gated_patch"]  # the graph sees the package's imports
+    assert find_cycles(graph) == []
+
+
+def test_library_never_imports_the_conversion_scripts():
+    graph = import_graph()
+    assert any(target.startswith("gated_patch") for target in graph["conversion.convert"])  # one way: scripts -> library
+    offenders = {module: sorted(t for t in targets if t.split(".")[0] == "conversion")
+                 for module, targets in graph.items() if module.startswith("gated_patch")}
+    assert {module: targets for module, targets in offenders.items() if targets} == {}
+
+
+def test_core_imports_only_torch_transformers_and_itself():
+    graph = import_graph()
+    for module, path in _modules().items():
+        if not module.startswith("gated_patch.core"):
+            continue
+        assert all(target.startswith("gated_patch.core") for target in graph[module]), module
+        imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and not node.level}
+        assert imported <= {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names), (module, imported)
+
+
+def test_class_names_are_distinct():
+    seen: dict[str, str] = {}
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                assert node.name not in seen, f"class {node.name} in {module} and {seen[node.name]}"
+                seen[node.name] = module
+
+
+def test_remote_code_is_short_and_uses_public_apis_only():
+    source = remote_code_source()
+    assert source.count("\n") <= MAX_LINES
+    tree = ast.parse(source)
+    private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+               and node.attr.startswith("_") and not (node.attr.startswith("__") and node.attr.endswith("__"))}
+    # _init_weights: the method transformers documents for models that add parameters (super() call of the override)
+    assert private == {"_init_weights"}
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    assert not {"torch._C", "_C"} & names and "_compiled_call_impl" not in source and "_global_" not in source
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert modules - set(sys.stdlib_module_names) == {"torch", "transformers"}
+    # the version check runs at import, before any class is defined
+    first_call = next(i for i, node in enumerate(tree.body) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call))
+    first_class = next(i for i, node in enumerate(tree.body) if isinstance(node, ast.ClassDef) and node.name == "GateConfig")
+    assert ast.unparse(tree.body[first_call]) == "check_transformers_version()" and first_call < first_class
