@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-oldest
+.PHONY: install demo test test-fast test-oldest
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,7 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
-# The core and checkpoint tests against the oldest supported transformers (gated_patch/compat.py MIN_TRANSFORMERS),
+# Quick iteration: everything but the slow real-model tests (CI runs `make test`, which includes them).
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -q -m "not slow"
+
+# The core and checkpoint tests against the oldest supported transformers (gated_patch/core/versions.py),
 # in an overlay venv on top of .venv; `make test` covers the newest. About 2-3 minutes on 2 cores.
 test-oldest: $(STAMP)
 	MAIN_VENV=$(abspath $(VENV)) .ci/oldest-transformers

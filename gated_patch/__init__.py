@@ -20,7 +20,14 @@ from .core.errors import (
     UpstreamStructureError,
 )
 from .core.gate import AttentionGateLinear
-from .families import ModelFamily, get_model_family, register_model_type, registered_model_types, unregister_model_type
+from .families import (
+    ModelFamily,
+    family_for,
+    get_model_family,
+    register_model_type,
+    registered_model_types,
+    unregister_model_type,
+)
 from .patching import gate_config, gate_parameters, gated_model_from_config, is_patched, patch_model, unpatch_model
 from .version import __version__
 
@@ -38,6 +45,7 @@ __all__ = [
     "UnsupportedModelError",
     "UpstreamStructureError",
     "__version__",
+    "family_for",
     "gate_config",
     "gate_lora_config",
     "gate_only_config",

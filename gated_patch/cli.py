@@ -1,4 +1,5 @@
-"""Command line: ``gated-patch demo`` (the main job on the embedded default model) and ``gated-patch inspect``."""
+"""Command line: ``gated-patch demo`` (the main job on the embedded default model), ``gated-patch inspect`` and
+``gated-patch remote-code``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .arguments import add_gate_config_arguments, gate_config_from_args
+from .checkpoints.remote_code import REMOTE_CODE_FILE, remote_code_source
 from .default_model import DEFAULT_MODEL_NAME, default_model_dir
 from .diagnostics.command import add_inspect_parser
 from .report import patch_and_verify
@@ -30,6 +32,11 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_remote_code(args: argparse.Namespace) -> int:
+    sys.stdout.write(remote_code_source())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gated-patch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_gate_config_arguments(demo)
     demo.set_defaults(handler=_demo)
     add_inspect_parser(commands)
+    remote = commands.add_parser("remote-code", help=f"print the {REMOTE_CODE_FILE} that every gated checkpoint carries")
+    remote.set_defaults(handler=_print_remote_code)
     return parser
 
 

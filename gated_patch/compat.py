@@ -15,23 +15,38 @@ from .core.versions import MAX_TRANSFORMERS, MIN_TRANSFORMERS
 
 
 @lru_cache(maxsize=None)
-def forward_calls_projection_once(attention_class: type, projection: str) -> tuple[bool, str]:
-    """Whether the class's ``forward(self, hidden_states, ...)`` source calls ``self.<projection>(`` exactly once."""
+def forward_source(attention_class: type) -> str:
+    """The source of ``attention_class.forward`` without comments and docstrings ('' if it cannot be read)."""
     try:
         source = inspect.getsource(attention_class.forward)
-    except (OSError, TypeError) as exc:
-        return False, f"its forward source cannot be read ({exc})"
+    except (OSError, TypeError):
+        return ""
+    return re.sub(r"#.*|\"\"\"[\s\S]*?\"\"\"", "", source)
+
+
+@lru_cache(maxsize=None)
+def forward_calls_projection_once(attention_class: type, projection: str, others: tuple[str, ...] = ()) -> tuple[bool, str]:
+    """Whether ``forward(self, hidden_states, ...)`` calls ``self.<projection>(`` exactly once, and after every call of
+    the other projections `others` (the output projection is the last one applied)."""
+    source = forward_source(attention_class)
+    if not source:
+        return False, "its forward source cannot be read"
     parameters = list(inspect.signature(attention_class.forward).parameters)
     if parameters[:2] != ["self", "hidden_states"]:
         return False, f"its forward takes {parameters[:2]} first, not ['self', 'hidden_states']"
-    calls = len(re.findall(rf"self\.{re.escape(projection)}\(", source))
-    if calls != 1:
-        return False, f"its forward calls self.{projection}(...) {calls} times, not exactly once"
+    calls = [m.start() for m in re.finditer(rf"self\.{re.escape(projection)}\(", source)]
+    if len(calls) != 1:
+        return False, f"its forward calls self.{projection}(...) {len(calls)} times, not exactly once"
+    later = [name for name in others if any(m.start() > calls[0] for m in re.finditer(rf"self\.{re.escape(name)}\(", source))]
+    if later:
+        return False, f"its forward calls {', '.join(f'self.{name}' for name in later)} after self.{projection}, so " \
+                      f"{projection} is not the output projection"
     return True, ""
 
 
-def check_attention_structure(attention: nn.Module, family, where: str) -> None:
-    """Raise `UpstreamStructureError` unless `attention` is what the gate mechanism relies on."""
+def check_attention_structure(attention: nn.Module, family, where: str, num_heads: int | None = None) -> None:
+    """Raise `UpstreamStructureError` unless `attention` is what the gate mechanism relies on. `num_heads`: the
+    config's attention heads, which the output projection must take ``num_heads * head_dim`` features of."""
 
     def fail(reason: str) -> None:
         raise UpstreamStructureError(
@@ -52,7 +67,13 @@ def check_attention_structure(attention: nn.Module, family, where: str) -> None:
         fail("it has no positive integer `head_dim` attribute")
     if projection.in_features % head_dim:
         fail(f"{family.output_projection}.in_features={projection.in_features} is not a multiple of head_dim={head_dim}")
-    ok, reason = forward_calls_projection_once(expected, family.output_projection)
+    if num_heads is not None and projection.in_features != num_heads * head_dim:
+        fail(f"{family.output_projection} takes {projection.in_features} features, not the config's {num_heads} heads x "
+             f"head_dim {head_dim} = {num_heads * head_dim}: it does not take the attention output head by head (a "
+             "low-rank or otherwise transformed output projection?)")
+    others = tuple(sorted(name for name, child in attention.named_children()
+                          if isinstance(child, nn.Linear) and name != family.output_projection))
+    ok, reason = forward_calls_projection_once(expected, family.output_projection, others)
     if not ok:
         fail(reason)
 

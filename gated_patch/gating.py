@@ -1,19 +1,62 @@
-"""Inserting and removing gates in a model of a known family: the primitive behind `patch_model` and the plugin's
-checkpoint loader."""
+"""Inserting and removing gates in a model of a known family (`ModelFamily`): the primitive behind `patch_model` and
+the plugin's checkpoint loader."""
 
 from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Union
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .checkpoints.format import gate_tensor_shapes
 from .checkpoints.saving import GatedModelMixin
 from .compat import check_attention_structure, refresh_output_recording
 from .core.attention import GATE_MODULE_NAME, attach_gate, detach_gate, gated_subclass, is_gated_attention, original_class
 from .core.checkpoint import GATE_CONFIG_KEY, GATE_MODULES_KEY
 from .core.config import GateConfig
-from .core.errors import NotPatchedError
+from .core.errors import GatedCheckpointError, NotPatchedError, UnsupportedModelError
+from .core.gate import gate_shape
 from .core.versions import check_transformers_version
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Where the attention modules of one model family live and what they are called.
+
+    Args:
+        model_type: ``config.model_type`` of the family, e.g. ``"llama"``.
+        attention_class: the upstream attention class, or its import path ``"package.module:ClassName"`` (resolved
+            lazily, so registering a family does not import its modeling code).
+        decoder_layers: dotted path from the causal LM to its list of decoder layers.
+        attention: attribute name of the attention module in a decoder layer.
+        output_projection: attribute name of the output projection in the attention module.
+    """
+
+    model_type: str
+    attention_class: Union[str, type]
+    decoder_layers: str = "model.layers"
+    attention: str = "self_attn"
+    output_projection: str = "o_proj"
+
+    @property
+    def gate_modules(self) -> dict[str, str]:
+        """The ``attn_output_gate_modules`` entry of this family's gated configs."""
+        return {"decoder_layers": self.decoder_layers, "attention": self.attention,
+                "output_projection": self.output_projection}
+
+    def resolve_attention_class(self) -> type:
+        if isinstance(self.attention_class, type):
+            return self.attention_class
+        module_name, _, class_name = self.attention_class.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as exc:
+            raise UnsupportedModelError(
+                f"Model family {self.model_type!r}: cannot import attention class {self.attention_class!r} ({exc}). "
+                "Your transformers may not ship this model; upgrade transformers or fix the registration.") from exc
 
 
 def gated_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -31,9 +74,8 @@ def _gate_device(projection: nn.Module) -> torch.device:
     return projection.weight.device
 
 
-def gate_model(model: PreTrainedModel, gate: GateConfig, family) -> PreTrainedModel:
-    """Gate the attention modules of `model` (of `family`, a `gated_patch.families.ModelFamily`), in place; every
-    check runs before anything changes."""
+def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) -> PreTrainedModel:
+    """Gate the attention modules of `model` (of `family`) in place; every check runs before anything changes."""
     check_transformers_version()
     try:
         layers = model.get_submodule(family.decoder_layers)
@@ -41,14 +83,25 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family) -> PreTrainedMo
         raise NotPatchedError(f"{type(model).__name__} has no `{family.decoder_layers}` (the decoder layers of model_type "
                               f"{family.model_type!r}). Pass a causal LM of this family, e.g. "
                               "AutoModelForCausalLM.from_pretrained(...).") from None
+    text_config = model.config.get_text_config()
+    try:  # what the config says the gates are: a checkpoint is checked against it before loading
+        expected = gate_tensor_shapes(gate, family.gate_modules, model.config)
+    except GatedCheckpointError as exc:
+        raise UnsupportedModelError(f"Cannot gate {type(model).__name__} (model_type {family.model_type!r}): its config "
+                                    f"does not give one attention size for every layer ({exc})") from None
     attentions = []
     for index in gate.layer_indices(len(layers)):
         attention = getattr(layers[index], family.attention, None)
         if attention is None:
             raise NotPatchedError(f"Decoder layer {index} has no `{family.attention}` module; check the registration.")
-        check_attention_structure(attention, family, f"{family.decoder_layers}[{index}].{family.attention}")
+        where = f"{family.decoder_layers}[{index}].{family.attention}"
+        check_attention_structure(attention, family, where, getattr(text_config, "num_attention_heads", None))
+        num_heads = getattr(attention, family.output_projection).in_features // attention.head_dim
+        shape = gate_shape(gate, text_config.hidden_size, num_heads, attention.head_dim)
+        if shape != expected[f"{family.decoder_layers}.{index}.{family.attention}.{GATE_MODULE_NAME}.weight"]:
+            raise UnsupportedModelError(f"Cannot gate {where} of {type(model).__name__}: its attention gives gate shape "
+                                        f"{shape}, the config {expected[next(iter(expected))]} (per-layer head sizes?)")
         attentions.append(attention)
-    text_config = model.config.get_text_config()
     for attention in attentions:
         projection = getattr(attention, family.output_projection)
         attach_gate(attention, gate, hidden_size=text_config.hidden_size,

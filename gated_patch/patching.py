@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .core.config import GateConfig
 from .core.errors import AlreadyPatchedError, NotPatchedError
-from .families import get_model_family
+from .families import family_for
 from .gating import gate_model, gate_parameter_names, gated_attention_modules, ungate_model
 
 GateConfigLike = Union[GateConfig, dict, None]
@@ -55,7 +55,7 @@ def patch_model(model: PreTrainedModel, config: GateConfigLike = None) -> PreTra
             "Call gated_patch.unpatch_model(model) first to change the gate config.")
     if not isinstance(getattr(model, "config", None), PretrainedConfig):
         raise TypeError(f"patch_model expects a transformers PreTrainedModel, got {type(model).__name__}.")
-    return gate_model(model, config, get_model_family(model.config.model_type))
+    return gate_model(model, config, family_for(model))
 
 
 def unpatch_model(model: PreTrainedModel) -> PreTrainedModel:

@@ -4,10 +4,13 @@ class names, and a remote-code file that a person can audit (short, public APIs 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
-from gated_patch.checkpoints.remote_code import MAX_LINES, remote_code_source
+import pytest
+
+from gated_patch.checkpoints.remote_code import MAX_LINES, check_remote_code, private_attributes, remote_code_source
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("gated_patch", "conversion")
@@ -144,10 +147,11 @@ def test_remote_code_is_short_and_uses_public_apis_only():
     source = remote_code_source()
     assert source.count("\n") <= MAX_LINES
     tree = ast.parse(source)
-    private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-               and node.attr.startswith("_") and not (node.attr.startswith("__") and node.attr.endswith("__"))}
     # _init_weights: the method transformers documents for models that add parameters (super() call of the override)
-    assert private == {"_init_weights"}
+    assert private_attributes(source) == {"_init_weights"}
+    for bad in ("x = torch._C._get_tracing_state()\n", "import numpy\n", "\n" * (MAX_LINES + 1)):
+        with pytest.raises(RuntimeError, match="generated modeling_gated_attention.py"):
+            check_remote_code(bad)
     names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     assert not {"torch._C", "_C"} & names and "_compiled_call_impl" not in source and "_global_" not in source
     modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
@@ -157,3 +161,41 @@ def test_remote_code_is_short_and_uses_public_apis_only():
     first_call = next(i for i, node in enumerate(tree.body) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call))
     first_class = next(i for i, node in enumerate(tree.body) if isinstance(node, ast.ClassDef) and node.name == "GateConfig")
     assert ast.unparse(tree.body[first_call]) == "check_transformers_version()" and first_call < first_class
+
+
+REAL_MODEL_FIXTURES = {"smollm2_dir", "smollm2_tokenizer", "load_smollm2"}
+
+
+def _marked_slow(decorators: list[ast.expr]) -> bool:
+    return any("mark.slow" in ast.unparse(decorator) for decorator in decorators)
+
+
+def test_every_test_that_loads_the_real_model_is_marked_slow():
+    """`make test-fast` (``-m "not slow"``) then never loads SmolLM2; `make test` (CI) runs everything."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test-fast:.*\n\t.*pytest -q -m \"not slow\"$", makefile, re.MULTILINE)
+    assert re.search(r"^test:.*\n\t.*pytest -q$", makefile, re.MULTILINE)
+    unmarked, marked = [], 0
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module_slow = any(isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in node.targets)
+                          and "mark.slow" in ast.unparse(node.value) for node in tree.body)
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                uses = REAL_MODEL_FIXTURES & {arg.arg for arg in node.args.args}
+                if uses and not (module_slow or _marked_slow(node.decorator_list)):
+                    unmarked.append(f"{path.name}::{node.name}")
+                marked += bool(uses)
+    assert marked >= 5 and unmarked == []
+
+
+def test_no_tracker_references_commit_hashes_or_dates_in_code_and_docs():
+    files = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".cfg", ".toml") and ".venv" not in p.parts
+             and ".git" not in p.parts and "results" not in p.parts and not p.name.startswith(".")]
+    patterns = [re.compile(r"\(issue \d+\)|\bissue #?\d+\b", re.IGNORECASE), re.compile(r"(?<![\w/])#\d{1,4}\b"),
+                re.compile(r"\bcommit [0-9a-f]{7,40}\b"), re.compile(r"\b20\d\d-\d\d-\d\d\b")]
+    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in files for pattern in patterns
+            for m in pattern.finditer(p.read_text(errors="ignore"))]
+    assert hits == []
+    assert not (ROOT / "DEVELOPERS-BRIEF.md").exists()
+    assert len((ROOT / "README.md").read_bytes()) <= 15_000

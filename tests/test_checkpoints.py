@@ -75,6 +75,15 @@ def test_remote_code_is_one_file_importing_only_torch_and_transformers(tmp_path)
     assert "gated_patch" not in {m for m in imported_top_level_modules(source)}
 
 
+def test_remote_code_command_prints_the_file_checkpoints_carry(tmp_path, capsys):
+    from gated_patch.cli import main
+
+    gated_tiny("llama").save_pretrained(tmp_path)
+    capsys.readouterr()
+    assert main(["remote-code"]) == 0
+    assert capsys.readouterr().out == (tmp_path / REMOTE_CODE_FILE).read_text()
+
+
 def test_plugin_loads_the_patched_model(tmp_path, family):
     gate = GateConfig(gate_input="attn_output", bias=False, layers=[1])
     model = gated_tiny(family, gate, attn_implementation="eager")
@@ -226,3 +235,23 @@ def test_double_save_is_byte_identical(tmp_path, family_):
         if name == "config.json":
             a, b = json.loads(a), json.loads(b)
         assert a == b, name
+
+
+def test_loading_initialises_what_the_upstream_init_computes(tmp_path):
+    """transformers skips the weight init of parameter-less modules for classes it thinks are custom code; FalconH1
+    computes its non-persistent mup_vector buffer there. A gated load must give the upstream values, not raw memory."""
+    from transformers import FalconH1Config
+
+    torch.manual_seed(0)
+    config = FalconH1Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4,
+                            mamba_d_head=16, mamba_d_state=16, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    patch_model(model)
+    randomize_gates(model)
+    model.save_pretrained(tmp_path)
+    loaded = load(tmp_path)
+    buffers = dict(loaded.named_buffers())
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffers[name], buffer), name
+    assert torch.equal(loaded(IDS).logits, model(IDS).logits)

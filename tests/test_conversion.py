@@ -178,7 +178,7 @@ def _unsupported(path: Path) -> Path:
         (lambda p: p, r"SRC .*src: no such directory\. Pass a local checkpoint directory or a Hub repo id"),
         (_bad_json, r"src/config\.json: cannot read it as JSON .*restore or re-download"),
         (_bin_source, r"src/pytorch_model\.bin: pickled PyTorch weights are refused .*--allow-pickle"),
-        (_unsupported, r"does not support model_type 'gpt2'.*register_model_type\('gpt2'"),
+        (_unsupported, r"Cannot gate GPT2LMHeadModel \(model_type 'gpt2'\).*register_model_type\('gpt2'"),
         (_truncated, r"src/model-00002-of-\d+\.safetensors: not a complete safetensors file .*Download or copy it again"),
     ],
     ids=["missing", "unreadable-config", "pickle", "unsupported", "truncated"],
@@ -324,7 +324,7 @@ def test_library_has_no_conversion_subcommands():
     from gated_patch.cli import build_parser
 
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
-    assert set(commands) == {"demo", "inspect"}
+    assert set(commands) == {"demo", "inspect", "remote-code"}
 
 
 def test_push_failure_is_one_line(tmp_path, capsys):

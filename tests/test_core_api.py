@@ -214,35 +214,51 @@ def test_builtin_model_types():
     assert set(gp.registered_model_types()) >= {"llama", "qwen2", "mistral", "qwen3"}
 
 
-def test_unsupported_model_type_lists_supported_types_and_how_to_register():
+def test_a_family_that_does_not_fit_is_refused_with_the_reason_and_how_to_register():
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(gp.UnsupportedModelError) as info:
         gp.patch_model(model)
     message = str(info.value)
-    assert "'gpt2'" in message and "llama" in message and "register_model_type" in message
+    assert "'gpt2'" in message and "no single self-attention module with projections" in message
+    assert "register_model_type('gpt2'" in message and not gp.is_patched(model)
 
 
-def test_user_registers_a_new_family():
+def _tiny_mixtral():
     from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralAttention
 
     config = MixtralConfig(
         vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with pytest.raises(gp.UnsupportedModelError):
-        gp.patch_model(model)
-    gp.register_model_type("mixtral", MixtralAttention)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_an_unregistered_family_is_found_by_structure():
+    model = _tiny_mixtral()
+    reference = model(INPUT_IDS).logits
+    family = gp.family_for(model)
+    assert "mixtral" not in gp.registered_model_types()
+    assert (family.decoder_layers, family.attention, family.output_projection) == ("model.layers", "self_attn", "o_proj")
+    assert family.attention_class.__name__ == "MixtralAttention"
+    gp.patch_model(model)
+    assert (model(INPUT_IDS).logits - reference).abs().max().item() <= 1e-5
+
+
+def test_a_registered_family_overrides_the_structure():
+    from transformers.models.mixtral.modeling_mixtral import MixtralAttention
+
+    model = _tiny_mixtral()
+    gp.register_model_type("mixtral", MixtralAttention, output_projection="q_proj")  # a wrong registration wins
     try:
         with pytest.raises(ValueError, match="already registered"):
             gp.register_model_type("mixtral", MixtralAttention)
-        reference = model(INPUT_IDS).logits
-        gp.patch_model(model)
-        assert (model(INPUT_IDS).logits - reference).abs().max().item() <= 1e-5
+        assert gp.family_for(model).output_projection == "q_proj"
+        with pytest.raises(gp.UpstreamStructureError, match=r"calls self\.k_proj, self\.o_proj, self\.v_proj after self\.q_proj, so q_proj is not the output"):
+            gp.patch_model(model)  # ... and is checked: q_proj is not the output projection
     finally:
         gp.unregister_model_type("mixtral")
+    assert gp.family_for(model).output_projection == "o_proj"
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

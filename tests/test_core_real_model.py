@@ -1,7 +1,5 @@
 """The core checks on a real pretrained model: SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads, 3 KV heads)."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -58,14 +56,12 @@ def test_smollm2_gated_cache_and_batched_left_padding(load_smollm2, smollm2_toke
         assert batched[row, -6:].tolist() == cached[0, -6:].tolist()
 
 
-def test_demo_command_end_to_end(smollm2_dir):
-    """The README's main job (`gated-patch demo`) on the default model."""
-    result = subprocess.run(
-        [sys.executable, "-m", "gated_patch.cli", "demo", "--max-new-tokens", "6", "--granularity", "headwise"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+def test_demo_command_end_to_end(smollm2_dir, capsys):
+    """The README's main job (`gated-patch demo`) on the default model, in-process."""
+    from gated_patch.cli import main
+
+    assert main(["demo", "--max-new-tokens", "6", "--granularity", "headwise"]) == 0
+    out = capsys.readouterr().out
     assert "gate parameters added: 155,790 " in out  # 30 layers x (9 x 576 weight + 9 bias)
     assert "layers 0-29 (30 layers): weight [9, 576], bias [9] each" in out
     identity = float(out.split("max |logits(patched) - logits(original)| = ")[1].split()[0])

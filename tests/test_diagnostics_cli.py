@@ -15,6 +15,7 @@ from gated_patch.diagnostics import default_text, inspect_model, tokenize_for_in
 SMOLLM2_VOCAB = 49152
 
 
+@pytest.mark.slow
 def test_inspect_command_two_models_and_patch(tmp_path, smollm2_dir, smollm2_tokenizer, capsys):
     dirs = []
     for seed in (0, 1):
@@ -91,6 +92,7 @@ def test_smollm2_sdpa_inspection_and_identity_gates(load_smollm2, smollm2_tokeni
     assert gated.max_activation[0] == pytest.approx(plain.max_activation[0], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_inspect_command_on_a_saved_gated_checkpoint(tmp_path, smollm2_dir, smollm2_tokenizer):
     model = tiny_model("llama", seed=2, vocab_size=SMOLLM2_VOCAB)
     gated_patch.patch_model(model, gated_patch.GateConfig(granularity="headwise", init="paper"))

@@ -108,6 +108,7 @@ def test_modes_on_tiny_model(example, tiny_dir, tmp_path, mode, extra, expected_
         assert held_out_ppl(tiny_dir, blocks, model=loaded) == pytest.approx(results["ppl_after"], rel=1e-4)
 
 
+@pytest.mark.slow  # two processes under accelerate launch
 def test_accelerate_launch_two_cpu_processes(example, tiny_dir, tmp_path):
     out, result_file = tmp_path / "adapter", tmp_path / "r.json"
     accelerate = Path(sys.executable).with_name("accelerate")

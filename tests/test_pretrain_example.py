@@ -34,6 +34,7 @@ def test_variants_share_every_non_gate_initial_weight(pretrain_tiny):
         assert gates and all(g.std() > 0 for g in gates)  # paper init: random gate weights, not identity
 
 
+@pytest.mark.slow
 def test_pretrain_tiny_smoke(pretrain_tiny, smollm2_dir, tmp_path):
     out = tmp_path / "run"
     code = pretrain_tiny.main([

@@ -25,9 +25,11 @@ IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7]])
 
 @pytest.fixture
 def fresh_structure_cache():
-    compat.forward_calls_projection_once.cache_clear()
+    for cached in (compat.forward_calls_projection_once, compat.forward_source):
+        cached.cache_clear()
     yield
-    compat.forward_calls_projection_once.cache_clear()
+    for cached in (compat.forward_calls_projection_once, compat.forward_source):
+        cached.cache_clear()
 
 
 def _forward_variant(old: str, new: str, directory: Path):

@@ -25,11 +25,11 @@ from ..core.attention import GATE_MODULE_NAME
 from ..core.checkpoint import GATE_CONFIG_KEY, GATE_MODULES_KEY
 from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError
-from ..families import get_model_family
+from ..families import family_for_config
 from . import layouts
 from .files import (DTYPES, SourceShard, find_weight_files, open_shards, read_json, staging_directory, tensor_nbytes,
                     write_json, write_safetensors)
-from .format import family_of, gated_config_entries, is_gate_tensor, is_gated_model_type
+from .format import config_object, family_of, gated_config_entries, is_gate_tensor, is_gated_model_type
 from .model_card import MODEL_CARD_FILE, exported_model_card, gated_model_card
 from .remote_code import write_remote_code
 from .validate import check_gate_tensors, gate_config_from
@@ -187,14 +187,14 @@ def plan_conversion(
     if is_gated_model_type(model_type):
         gate, modules = gate_config_from(config, config_path)  # a malformed section: an error naming the file
     else:
-        modules = get_model_family(family).gate_modules  # an unsupported family: an error naming the fix
+        modules = family_for_config(config).gate_modules  # an unsupported family: an error naming the reason
     try:
-        shape = layouts.AttentionShape.from_config(config)
-        num_layers = config["num_hidden_layers"]
-    except KeyError as exc:
+        upstream_config = config_object(config_path)
+        shape = layouts.AttentionShape.from_config(upstream_config)
+        num_layers = upstream_config.get_text_config().num_hidden_layers
+    except (KeyError, AttributeError) as exc:
         raise GatedCheckpointError(
-            f"{source / 'config.json'}: no {exc.args[0]!r}; SRC must be a complete transformers {family} config."
-        ) from None
+            f"{config_path}: {exc}; SRC must be a complete transformers {family} config.") from None
     notes: list[str] = []
 
     if is_gated_model_type(model_type):
@@ -230,7 +230,7 @@ def plan_conversion(
     shards, by_name = _source_shards(source, allow_pickle)
     if detected == layouts.PLUGIN:  # wrong-shaped, non-float, missing or extra gate tensors: refused before writing
         listing = shards[0].path if len(shards) == 1 else source / SAFE_WEIGHTS_INDEX_NAME
-        check_gate_tensors(gate, modules, config, config_path, {n: s.entries[n] for n, s in by_name.items()},
+        check_gate_tensors(gate, modules, config_path, {n: s.entries[n] for n, s in by_name.items()},
                            {n: s.path for n, s in by_name.items()}, listing)
 
     def layer_name(i, module, kind):
@@ -502,7 +502,7 @@ def verify_conversion(plan: ConversionPlan, out: Path) -> str:
         return f"verify: OK, upstream tensors identical, max |logit diff| on the prompt {diff:g} (init={plan.gate.init})"
     # fused layouts: round trip the tensors through the inverse conversion
     back_layout = plan.source_layout if plan.target_layout == layouts.PLUGIN else layouts.PLUGIN
-    shape = layouts.AttentionShape.from_config(plan.config)
+    shape = layouts.AttentionShape.from_config(config_object(out / CONFIG_NAME))
     out_shards, out_names = _source_shards(out, allow_pickle=False)
     _, src_names = _source_shards(plan.source, allow_pickle=True)
     granularity = plan.gate.granularity

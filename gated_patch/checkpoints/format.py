@@ -8,9 +8,11 @@ remote code's ``Gated<UpstreamClass>`` classes.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import transformers
+from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import CONFIG_NAME
 
 from ..core.attention import GATE_MODULE_NAME
@@ -18,6 +20,7 @@ from ..core.checkpoint import GATE_CONFIG_KEY, GATE_MODULES_KEY, GATED_PREFIX
 from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError
 from ..core.gate import gate_shape
+from .files import read_json
 from .remote_code import REMOTE_MODULE
 
 def is_gated_model_type(model_type: Any) -> bool:
@@ -46,25 +49,50 @@ def gated_config_entries(config_class: type, model_class: type, gate: GateConfig
     with its own modeling code is gated through the transformers class it builds on).
     """
     config_name, model_name = _transformers_class(config_class, "config"), _transformers_class(model_class, "model")
+    expected = MODEL_FOR_CAUSAL_LM_MAPPING.get(config_class, None)
+    if expected is not model_class:
+        raise GatedCheckpointError(
+            f"Cannot write a gated checkpoint of {model_name}: gated checkpoints hold the model AutoModelForCausalLM "
+            f"builds for {config_name} ({getattr(expected, '__name__', 'none')}), so that both loaders rebuild it. "
+            "Patch and save that model.")
     kept = {key: value for key, value in (auto_map or {}).items() if key != "AutoConfig" and not key.startswith("AutoModel")}
+    if not config_name.endswith("Config"):
+        raise GatedCheckpointError(f"Cannot write a gated checkpoint of {model_name}: its config class {config_name} "
+                                   "does not end in 'Config', which the remote code relies on to find it.")
     return {
         "model_type": GATED_PREFIX + config_class.model_type,
-        "architectures": [f"Gated{model_name}"],
-        "auto_map": {**kept, "AutoConfig": f"{REMOTE_MODULE}.Gated{config_name}",
-                     "AutoModelForCausalLM": f"{REMOTE_MODULE}.Gated{model_name}"},
+        "architectures": [f"Gated{model_name}"],  # what save_pretrained of the patched model writes, too
+        "auto_map": {**kept, "AutoConfig": f"{REMOTE_MODULE}.Gated{config_name}",  # the remote code's class names
+                     "AutoModelForCausalLM": f"{REMOTE_MODULE}.Gated{config_name[:-len('Config')]}ForCausalLM"},
         GATE_CONFIG_KEY: gate.to_dict(),
         GATE_MODULES_KEY: dict(modules),
     }
 
 
-def gate_tensor_shapes(gate: GateConfig, modules: Mapping[str, str], config: Mapping[str, Any],
-                       where: Any = CONFIG_NAME) -> dict[str, tuple[int, ...]]:
-    """``{tensor name: shape}`` of every gate tensor a checkpoint with this (upstream or gated) config dict holds."""
+def config_object(config_path: Path | str):
+    """The transformers config (the upstream class) of a ``config.json``, read as transformers reads it, so sizes
+    come out the way the model reads them (attribute maps such as ``n_head``, multimodal text configs)."""
+    config = read_json(config_path)
+    model_type = family_of(str(config.get("model_type")))
+    if model_type not in CONFIG_MAPPING:
+        raise GatedCheckpointError(f"{config_path}: model_type {config.get('model_type')!r} is not a transformers model "
+                                   "type; fix config.json or upgrade transformers.")
     try:
-        text = config.get("text_config") or config
-        heads, hidden = int(text["num_attention_heads"]), int(text["hidden_size"])
-        head_dim, num_layers = int(text.get("head_dim") or hidden // heads), int(text["num_hidden_layers"])
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        return CONFIG_MAPPING[model_type].from_json_file(config_path)
+    except Exception as exc:  # noqa: BLE001 - any invalid config: one error naming the file
+        raise GatedCheckpointError(f"{config_path}: not a valid {model_type} config ({type(exc).__name__}: {exc}); "
+                                   "fix config.json.") from exc
+
+
+def gate_tensor_shapes(gate: GateConfig, modules: Mapping[str, str], config: Any,
+                       where: Any = CONFIG_NAME) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of every gate tensor of a model with this transformers config: heads and head size
+    from the (text) config, as the output projection must take them (`gating` checks that when patching)."""
+    text = config.get_text_config()
+    try:
+        heads, hidden, num_layers = int(text.num_attention_heads), int(text.hidden_size), int(text.num_hidden_layers)
+        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    except Exception as exc:  # noqa: BLE001 - missing, invalid or per-layer sizes (transformers' own error types)
         raise GatedCheckpointError(f"{where}: missing or invalid attention sizes ({type(exc).__name__}: {exc}); "
                                    "fix config.json.") from exc
     out_features, in_features = gate_shape(gate, hidden, heads, head_dim)

@@ -43,14 +43,13 @@ class AttentionShape:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config: dict) -> "AttentionShape":
-        heads = config["num_attention_heads"]
-        return cls(
-            hidden_size=config["hidden_size"],
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        )
+    def from_config(cls, config) -> "AttentionShape":
+        """From a transformers config object (its text config)."""
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        return cls(hidden_size=text.hidden_size, num_heads=heads,
+                   num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads)
 
     @property
     def group(self) -> int:

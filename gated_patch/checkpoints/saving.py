@@ -29,7 +29,7 @@ def save_gated_checkpoint(model, plain_save, save_directory, *args: Any, **kwarg
     config = model.config
     gate, modules = gate_config_of(config, f"{type(model).__name__}.config"), gate_modules_of(config)
     try:
-        num_layers = len(model.get_submodule(modules["decoder_layers"]))
+        model.get_submodule(modules["decoder_layers"])
     except AttributeError:
         raise GatedCheckpointError(
             f"Cannot save a gated {type(model).__name__}: gated checkpoints hold whole causal LMs, whose decoder layers are "
@@ -37,8 +37,7 @@ def save_gated_checkpoint(model, plain_save, save_directory, *args: Any, **kwarg
             "patch_model, not one of its sub-modules.") from None
     state_dict = kwargs.get("state_dict")
     if state_dict is not None:  # e.g. from a Trainer: it must still hold every gate tensor
-        missing = sorted(set(gate_tensor_shapes(gate, modules, {**config.get_text_config().to_dict(),
-                                                                "num_hidden_layers": num_layers})) - set(state_dict))
+        missing = sorted(set(gate_tensor_shapes(gate, modules, config)) - set(state_dict))
         if missing:
             raise GatedCheckpointError(
                 f"save_pretrained(state_dict=...) lacks the gate tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}; "

@@ -15,7 +15,7 @@ from ..core.checkpoint import GATE_CONFIG_KEY, gate_modules_of
 from ..core.config import GateConfig
 from ..core.errors import GateConfigError, GatedCheckpointError
 from .files import FLOAT_DTYPES, check_index, find_weight_files, read_json, read_safetensors_header
-from .format import gate_tensor_shapes, is_gate_tensor, is_gated_model_type
+from .format import config_object, gate_tensor_shapes, is_gate_tensor, is_gated_model_type
 
 
 def gate_config_from(config: Mapping, config_path: Path | str) -> tuple[GateConfig, dict[str, str]]:
@@ -46,7 +46,7 @@ def gate_config_from(config: Mapping, config_path: Path | str) -> tuple[GateConf
     return gate, modules
 
 
-def check_gate_tensors(gate: GateConfig, modules: Mapping[str, str], config: Mapping, config_path: Path | str,
+def check_gate_tensors(gate: GateConfig, modules: Mapping[str, str], config_path: Path | str,
                        entries: Mapping[str, tuple[str, tuple[int, ...]]], files: Mapping[str, Path | str],
                        listing: Path | str) -> None:
     """Every gate tensor the config asks for is present with its shape and a floating dtype, and there are no others.
@@ -56,7 +56,7 @@ def check_gate_tensors(gate: GateConfig, modules: Mapping[str, str], config: Map
         files: ``{tensor name: file holding it}`` (for the messages).
         listing: the file that lists the tensors (the index, or the single weight file), named for missing tensors.
     """
-    expected = gate_tensor_shapes(gate, modules, config, config_path)
+    expected = gate_tensor_shapes(gate, modules, config_object(config_path), config_path)
     problems = []
     for name, shape in expected.items():
         if name not in entries:
@@ -95,4 +95,4 @@ def check_local_checkpoint(directory: Path | str) -> None:
         for name, info in read_safetensors_header(path).items():
             entries[name], files[name] = (info["dtype"], tuple(info["shape"])), path
     check_index(weights, files)
-    check_gate_tensors(gate, modules, config, config_path, entries, files, weights.listing)
+    check_gate_tensors(gate, modules, config_path, entries, files, weights.listing)

@@ -24,17 +24,21 @@ def is_gated_attention(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("gate_config"), GateConfig)
 
 
+def _hold_input(attention, args, kwargs) -> None:
+    """During a gated call, the module in the output-projection slot holds the block input (hooked if new there)."""
+    projection = getattr(attention, attention.gate_projection_name)
+    if _CONTEXT not in projection.__dict__:  # new in the slot: patching, or PEFT wrapped or unloaded the projection
+        attention.__dict__[_HOOKS].append(projection.register_forward_pre_hook(_gate_projection_input))
+    projection.__dict__[_CONTEXT] = (attention, args[0] if args else kwargs["hidden_states"])
+
+
 def gated_output_projection(attention: nn.Module) -> nn.Module:
     """The module in a gated attention's output-projection slot, with the gate's pre-hook (added if it is new there)."""
     projection = getattr(attention, attention.gate_projection_name)
-    if _CONTEXT not in projection.__dict__:  # new in the slot: patching, or PEFT wrapped or unloaded the projection
-        projection.__dict__[_CONTEXT] = None
+    if _CONTEXT not in projection.__dict__:
         attention.__dict__[_HOOKS].append(projection.register_forward_pre_hook(_gate_projection_input))
+        projection.__dict__[_CONTEXT] = None
     return projection
-
-
-def _hold_input(attention, args, kwargs) -> None:
-    gated_output_projection(attention).__dict__[_CONTEXT] = (attention, args[0] if args else kwargs["hidden_states"])
 
 
 def _release_input(attention, args, kwargs, output) -> None:
@@ -60,8 +64,9 @@ def attach_gate(attention: nn.Module, config: GateConfig, *, hidden_size: int, i
     attention.add_module(GATE_MODULE_NAME, gate.train(attention.training))
     attention.gate_config, attention.gate_num_heads, attention.gate_projection_name = config, num_heads, output_projection
     attention.__dict__[_HOOKS] = [attention.register_forward_pre_hook(_hold_input, with_kwargs=True),
-                                  attention.register_forward_hook(_release_input, with_kwargs=True, always_call=True)]
-    gated_output_projection(attention)
+                                  attention.register_forward_hook(_release_input, with_kwargs=True, always_call=True),
+                                  projection.register_forward_pre_hook(_gate_projection_input)]
+    projection.__dict__[_CONTEXT] = None
 
 
 def detach_gate(attention: nn.Module) -> None:
@@ -85,10 +90,14 @@ class GatedPreTrainedMixin:
     def _init_weights(self, module: nn.Module) -> None:
         module.reset_parameters() if isinstance(module, AttentionGateLinear) else super()._init_weights(module)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:  # as upstream: transformers initialises and converts custom code's weights otherwise
+        return next(base for base in cls.__mro__ if not issubclass(base, GatedPreTrainedMixin)).is_custom_code()
 
-def gated_subclass(base: type, mixin: type, **attributes) -> type:
-    """``Gated<Base>``: `mixin` in front of `base`, made once and importable from the mixin's module (for pickle)."""
-    namespace, name = vars(sys.modules[mixin.__module__]), f"Gated{base.__name__}"
+
+def gated_subclass(base: type, mixin: type, name: str | None = None, **attributes) -> type:
+    """``Gated<Base>`` (or `name`): `mixin` in front of `base`, made once, importable from the mixin's module (pickle)."""
+    namespace, name = vars(sys.modules[mixin.__module__]), name or f"Gated{base.__name__}"
     if namespace.get(name, object).__bases__ != (mixin, base):
         namespace[name] = type(name, (mixin, base), {"__module__": mixin.__module__, **attributes})
     return namespace[name]

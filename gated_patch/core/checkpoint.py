@@ -90,10 +90,13 @@ def gated_config_class(upstream: type) -> type:
 
 
 def __getattr__(name: str) -> type:
-    """``Gated<UpstreamClass>`` for every transformers config and causal-LM class (what an ``auto_map`` names)."""
-    upstream = getattr(transformers, name[len("Gated"):], None) if name.startswith("Gated") else None
-    if isinstance(upstream, type) and issubclass(upstream, transformers.PretrainedConfig):
-        return gated_config_class(upstream)
-    if isinstance(upstream, type) and issubclass(upstream, transformers.PreTrainedModel):
-        return gated_subclass(upstream, GatedCausalLM, config_class=gated_config_class(upstream.config_class))
+    """``Gated<X>Config`` and ``Gated<X>ForCausalLM`` for every transformers config class ``<X>Config``, the model being
+    the one AutoModelForCausalLM builds for that config (what a gated checkpoint's ``auto_map`` names)."""
+    stem = name[len("Gated"):].removesuffix("Config").removesuffix("ForCausalLM") if name.startswith("Gated") else ""
+    config = getattr(transformers, f"{stem}Config", None) if name.endswith(("Config", "ForCausalLM")) else None
+    if isinstance(config, type) and issubclass(config, transformers.PretrainedConfig):
+        if name.endswith("Config"):
+            return gated_config_class(config)
+        upstream = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[config]
+        return gated_subclass(upstream, GatedCausalLM, name=name, config_class=gated_config_class(config))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

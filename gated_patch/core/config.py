@@ -43,18 +43,13 @@ class GateConfig:
             raise GateConfigError(f"GateConfig.layers must be None (every layer) or a list of layer indices >= 0, no duplicates; got {layers!r}.")
         if layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(layers)))
-
-    @property
-    def preactivation_offset(self) -> float:
-        """Added before the activation: 1 for identity SiLU gates (silu(0) = 0 cannot be scaled to 1), else 0."""
-        return 1.0 if self.init == "identity" and self.activation == "silu" else 0.0
-
-    @property
-    def output_scale(self) -> float:
-        """Multiplies the activation: 1 / activation(offset) for identity gates (2 for sigmoid), else 1."""
-        z = self.preactivation_offset
+        # Derived constants (not fields): the pre-activation offset, 1 for identity SiLU gates since silu(0) = 0 cannot
+        # be scaled to 1, and the output scale, 1 / activation(offset) for identity gates (2 for sigmoid), else 1.
+        z = 1.0 if self.init == "identity" and self.activation == "silu" else 0.0
         sigmoid = 1.0 / (1.0 + math.exp(-z))
-        return 1.0 if self.init != "identity" else 1.0 / (sigmoid if self.activation == "sigmoid" else z * sigmoid)
+        object.__setattr__(self, "preactivation_offset", z)
+        object.__setattr__(self, "output_scale", 1.0 if self.init != "identity" else
+                           1.0 / (sigmoid if self.activation == "sigmoid" else z * sigmoid))
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "layers": None if self.layers is None else list(self.layers)}

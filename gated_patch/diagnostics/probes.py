@@ -16,11 +16,11 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..checkpoints.format import family_of
 from ..core.attention import GATE_MODULE_NAME, is_gated_attention, gated_output_projection
 from ..core.gate import gate_scores
 from ..core.errors import UpstreamStructureError
-from ..families import ModelFamily, get_model_family
+from ..families import family_for
+from ..gating import ModelFamily
 
 #: Gate-score thresholds whose fractions are reported (the paper discusses scores near zero as "sparse").
 GATE_THRESHOLDS = (0.1, 0.01)
@@ -47,8 +47,8 @@ class LayerAccumulator:
 
 
 def model_family(model: nn.Module) -> ModelFamily:
-    """The registered family of `model` (a gated checkpoint's ``gated_<family>`` model type maps to ``<family>``)."""
-    return get_model_family(family_of(model.config.model_type))
+    """The family of `model`: registered, or found from its structure."""
+    return family_for(model)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

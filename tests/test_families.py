@@ -1,0 +1,56 @@
+"""Every transformers causal-LM family, on a tiny model: gated with no registration where its attention fits (and
+then checked end to end), refused with a reason where it does not, never silently wrong. The table in
+docs/families.md is what `benchmarks/family_coverage.py` wrote; a family it lists as supported must stay supported."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import family_coverage  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every family: a few minutes
+
+
+def documented_supported() -> set[str]:
+    return set(re.findall(r"^\| `([^`]+)` \| supported \|", family_coverage.DOC.read_text(), re.MULTILINE))
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {row["model_type"]: row for row in family_coverage.run(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+                                                                  progress=False)}
+
+
+def test_no_family_is_silently_wrong(rows):
+    wrong = {name: row["detail"] for name, row in rows.items() if row["outcome"] == "wrong"}
+    assert wrong == {}
+
+
+def test_documented_families_stay_supported(rows):
+    supported = {name for name, row in rows.items() if row["outcome"] == "supported"}
+    assert len(supported) >= 60
+    assert documented_supported() - supported == set()  # a family the docs promise broke
+    assert documented_supported() >= {"llama", "qwen2", "mistral", "qwen3", "mixtral", "gemma", "olmo2", "granite"}
+
+
+def test_refusals_name_the_reason(rows):
+    refused = {name: row["detail"] for name, row in rows.items() if row["outcome"] == "refused"}
+    assert "linear-attention" in refused["qwen3_next"]  # a hybrid whose first layer is linear attention
+    assert "native output gate" in refused["laguna"] and "native output gate" in refused["afmoe"]
+    assert "cross-attention" in refused["bart"]
+    assert "no integer head_dim" in refused["deepseek_v3"]
+    # every refusal says what it could not gate, for which model type, and why
+    assert all(re.match(r"Cannot gate \S+.*model_type '[^']+'\)?: .{20,}", detail) for detail in refused.values())
+
+
+def test_every_table_row_is_a_transformers_family(rows):
+    documented = set(re.findall(r"^\| `([^`]+)` \|", family_coverage.DOC.read_text(), re.MULTILINE))
+    assert documented == set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)  # regenerate the table after upgrading transformers
