@@ -38,6 +38,8 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from gated_patch.checkpoints import files
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 GATE_COST = os.path.join(HERE, "gate_cost.py")
@@ -56,6 +58,20 @@ DEFAULT_ROUNDS, QUICK_ROUNDS = 3, 2
 
 
 # --- source trees ---------------------------------------------------------------------------------------------------
+
+
+#: The old code by default: the revision before the decode fast path and the fused gate were removed.
+REMOVED_FILE = "gated_patch/fused.py"
+
+
+def default_old_rev(repo: str) -> str:
+    """The parent of the commit that deleted `REMOVED_FILE` (a clear error when the history does not reach it)."""
+    done = subprocess.run(["git", "-C", repo, "log", "-n", "1", "--diff-filter=D", "--format=%H", "--", REMOVED_FILE],
+                          capture_output=True, text=True)
+    if done.returncode or not done.stdout.strip():
+        raise SystemExit(f"cannot find the commit that removed {REMOVED_FILE} in {repo} (a shallow clone?); pass "
+                         "--old-rev REV.")
+    return f"{done.stdout.strip()}^"
 
 
 def resolve_commit(repo: str, rev: str) -> str:
@@ -216,9 +232,8 @@ def format_table(data: dict) -> str:
     s = data["settings"]
     rows = data["rows"]
     lines = [
-        f"Gate cost, old vs new code: `{s['old_rev']}` ({s['old_commit'][:12]}) against the working tree "
-        f"({'HEAD ' + s['new_head'][:12] if s['new_head'] else 'no git HEAD'}"
-        f"{' + uncommitted changes to gated_patch/' if s['new_gated_patch_changed'] else ''}). "
+        "Gate cost of the old code (the library before the decode fast path and the fused gate were removed; the "
+        "revisions are in the JSON) and of this version, "
         f"{s['rounds']} rounds, order alternating; each run: "
         f"`python benchmarks/gate_cost.py {shlex.join(s['gate_cost_args'])}`. "
         f"Machine: {data['machine']['cpu_model']}, {data['machine']['cpu_count']} cores, torch "
@@ -259,8 +274,7 @@ def update_docs(path: str, table: str) -> bool:
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
         return False
-    with open(path, "w") as f:
-        f.write(text[: start + len(START)] + "\n" + table + text[end:])
+    files.atomic_write(path, text[: start + len(START)] + "\n" + table + text[end:])
     return True
 
 
@@ -278,13 +292,7 @@ def machine_info(first_result: Optional[dict]) -> dict:
 
 
 def write_json(data, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    files.write_json(path, data, sort_keys=False)
 
 
 def summarise(data: dict) -> dict:
@@ -301,7 +309,8 @@ def summarise(data: dict) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--old-rev", default="e902a00", help="git revision of the old code (default: %(default)s)")
+    p.add_argument("--old-rev", default=None, help="git revision of the old code (default: the revision before "
+                   f"{REMOVED_FILE} and the decode fast path were removed)")
     p.add_argument("--repo", default=REPO, help="the git repository; its working tree is the new code")
     p.add_argument("--rounds", type=int, default=None,
                    help=f"rounds of one old and one new run (default {DEFAULT_ROUNDS}; --quick: {QUICK_ROUNDS})")
@@ -344,6 +353,7 @@ def main(argv=None) -> dict:
         _publish(data, args)
         return data
     state = working_tree_state(args.repo)
+    args.old_rev = args.old_rev or default_old_rev(args.repo)
     data = {"settings": {"old_rev": args.old_rev, "old_commit": resolve_commit(args.repo, args.old_rev),
                          "new_tree": os.path.realpath(args.repo), "new_head": state["head"],
                          "new_gated_patch_changed": state["gated_patch_changed"], "rounds": args.rounds,

@@ -19,15 +19,7 @@ from transformers import LlamaConfig  # noqa: E402
 
 import gated_patch as gp  # noqa: E402
 
-OLD_REV = "e902a00"
-
-
-def _has_old_rev() -> bool:
-    done = subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", f"{OLD_REV}^{{commit}}"], capture_output=True)
-    return done.returncode == 0
-
-
-needs_old_rev = pytest.mark.skipif(not _has_old_rev(), reason=f"git revision {OLD_REV} is not available")
+OLD_REV = "HEAD"  # the machinery is tested against a revision every checkout has; the default old revision below
 
 
 @pytest.fixture(autouse=True)
@@ -144,17 +136,35 @@ def test_compare_default_settings_are_valid_gate_cost_arguments():
     assert quick.train_batch == 0 and quick.decode_tokens == 16  # explicit options win over --quick's sizes
 
 
-@needs_old_rev
 def test_compare_extracts_the_old_tree(tmp_path):
     tree = gate_cost_compare.extract_tree(REPO, OLD_REV, str(tmp_path / "old"))
     expected = subprocess.run(["git", "-C", REPO, "show", f"{OLD_REV}:gated_patch/__init__.py"], check=True,
                               capture_output=True, text=True).stdout
     assert (tmp_path / "old" / "gated_patch" / "__init__.py").read_text() == expected
     assert os.listdir(tree) == ["gated_patch"]  # nothing but the package
-    assert (tmp_path / "old" / "gated_patch" / "fused.py").is_file()  # the old code, not the working tree's
 
 
-@needs_old_rev
+def test_the_default_old_revision_is_the_parent_of_the_removal(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "gated_patch").mkdir(parents=True)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "gated_patch" / "fused.py").write_text("old\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "with fused")
+    before = git("rev-parse", "HEAD")
+    (repo / "gated_patch" / "fused.py").unlink()
+    git("add", "-A")
+    git("commit", "-q", "-m", "without fused")
+    assert gate_cost_compare.resolve_commit(str(repo), gate_cost_compare.default_old_rev(str(repo))) == before
+    with pytest.raises(SystemExit, match="cannot find the commit that removed gated_patch/fused.py"):
+        gate_cost_compare.default_old_rev(str(tmp_path))  # not a repository
+
+
 def test_compare_fails_loudly_when_pythonpath_points_at_the_wrong_tree(tmp_path):
     old = gate_cost_compare.extract_tree(REPO, OLD_REV, str(tmp_path / "old"))
     # the subprocess imports the old tree but is told to expect the working tree: gate_cost.py must refuse to measure
@@ -205,7 +215,7 @@ def test_compare_table_and_spread_on_synthetic_numbers(tmp_path):
     one_round = gate_cost_compare.compare_rows(runs[:2])
     assert all(r["beyond_spread"] is None for r in one_round)  # one round has no spread to compare with
 
-    data = {"settings": {"old_rev": OLD_REV, "old_commit": "e902a00" + "0" * 33, "new_head": "a" * 40,
+    data = {"settings": {"old_rev": OLD_REV, "old_commit": "1" * 40, "new_head": "a" * 40,
                          "new_gated_patch_changed": True, "rounds": 3, "gate_cost_args": ["--models", "tiny"]},
             "machine": {"cpu_model": "CPU", "cpu_count": 2, "torch": "t", "transformers": "x"}, "runs": runs}
     table = gate_cost_compare.summarise(data)["table"]
@@ -251,10 +261,9 @@ def test_compare_rebuilds_the_docs_table_from_a_saved_run(tmp_path, capsys):
     assert docs.read_text() == f"{gate_cost_compare.START}\n{gate_cost_compare.END}\n"
 
 
-@needs_old_rev
 def test_compare_quick_runs_old_and_new_code(tmp_path, capsys):
     out = tmp_path / "compare.json"
-    data = gate_cost_compare.main(["--quick", "--no-compile", "--rounds", "2", "--out", str(out)])
+    data = gate_cost_compare.main(["--quick", "--no-compile", "--rounds", "2", "--old-rev", OLD_REV, "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [(r["round"], r["code"]) for r in saved["runs"]] == [(1, "old"), (1, "new"), (2, "new"), (2, "old")]
     for run in saved["runs"]:
@@ -262,7 +271,7 @@ def test_compare_quick_runs_old_and_new_code(tmp_path, capsys):
         assert run["gated_patch_file"].startswith(expected + os.sep)
         assert run["result"]["gated_patch"]["file"] == run["gated_patch_file"]
     assert {r["code"]: r["tree"] for r in saved["runs"]}["old"] != os.path.realpath(REPO)
-    assert saved["settings"]["old_commit"].startswith(OLD_REV)
+    assert saved["settings"]["old_commit"] == gate_cost_compare.resolve_commit(REPO, OLD_REV)
     rows = {(r["workload"], r["variant"], r["metric"]) for r in data["rows"]}
     for variant in ("elementwise/hidden", "headwise/hidden"):
         assert {("prefill_b1", variant, "ratio_cpu"), ("prefill_b2", variant, "ratio_cpu"),
