@@ -1,0 +1,97 @@
+"""Every broken gated checkpoint, unsupported vLLM or unfit attention class fails loudly before anything is served."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import randomize_gates, save_with_tokenizer, tiny_model, vllm_engine
+from safetensors.torch import load_file, save_file
+
+import gated_patch as gp
+from gated_patch.core.errors import GateConfigError, GatedCheckpointError, UpstreamStructureError
+from gated_patch.vllm import models as vllm_models
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig(bias=False, layers=[0, 1]))
+    randomize_gates(model)
+    return tmp_path / "gated", save_with_tokenizer(model, tmp_path / "gated")
+
+
+def edit_weights(path, edit):
+    weights = load_file(path / "model.safetensors")
+    edit(weights)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_config(path, edit):
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+GATE = "model.layers.1.self_attn.attn_gate"
+BROKEN = {
+    "missing gate weight": (lambda w: w.pop(f"{GATE}.weight"), GatedCheckpointError, "gate tensors missing"),
+    "surplus gate bias": (lambda w: w.update({f"{GATE}.bias": w[f"{GATE}.weight"][:, 0].clone()}),
+                          GatedCheckpointError, f"{GATE}.bias is not a gate tensor"),
+    "gate of an ungated layer": (
+        lambda w: w.update({"model.layers.2.self_attn.attn_gate.weight": w[f"{GATE}.weight"].clone()}),
+        GatedCheckpointError, "model.layers.2.self_attn.attn_gate.weight is not a gate tensor"),
+    "wrong-shaped gate": (lambda w: w.update({f"{GATE}.weight": w[f"{GATE}.weight"][:4].clone()}),
+                          GatedCheckpointError, "has shape (4, 256), the config implies (256, 256)"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_a_broken_gate_tensor_is_refused_naming_it(name, checkpoint):
+    path, _ = checkpoint
+    edit, error, message = BROKEN[name]
+    edit_weights(path, edit)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        vllm_engine(path)
+
+
+def test_a_gate_config_the_plugin_cannot_run_is_refused(checkpoint):
+    path, _ = checkpoint
+    edit_config(path, lambda c: c["attn_output_gate"].update(activation="tanh"))
+    with pytest.raises(GateConfigError, match="tanh"):
+        vllm_engine(path)
+
+
+def test_a_vllm_outside_the_declared_range_is_refused(checkpoint, monkeypatch):
+    path, _ = checkpoint
+    monkeypatch.setattr(vllm_models.vllm, "__version__", "0.33.1")
+    with pytest.raises(UpstreamStructureError, match=r"supports vllm>=0\.32\.0,<0\.33\.0; vLLM 0\.33\.1 is installed"):
+        vllm_engine(path)
+
+
+def test_an_attention_class_whose_forward_does_not_fit_is_refused():
+    from vllm.model_executor.models.llama import LlamaAttention
+
+    class Reordered(LlamaAttention):
+        def forward(self, positions, hidden_states):
+            out, _ = self.o_proj(hidden_states)
+            return self.o_proj(out)[0]
+
+    attention = Reordered.__new__(Reordered)
+    with pytest.raises(UpstreamStructureError, match=r"does not call self\.o_proj\(\.\.\.\) exactly once"):
+        vllm_models.check_vllm_attention(attention, "model.layers.0.self_attn")
+
+
+def test_a_missing_vllm_base_model_is_refused():
+    with pytest.raises(UpstreamStructureError, match="has no model 'NoSuchForCausalLM'"):
+        vllm_models.gated_model_class("NoSuchForCausalLM")
+
+
+def test_a_config_vllm_reads_differently_from_transformers_is_refused(tmp_path):
+    """vLLM's Qwen2 ignores head_dim (it uses hidden_size / heads): transformers' model is not the one vLLM builds."""
+    from conftest import TINY, AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen2", **{**TINY, "hidden_size": 128})  # 4 heads of 64, not 128 / 4
+    model = gp.patch_model(AutoModelForCausalLM.from_config(config), gp.GateConfig())
+    with pytest.raises(UpstreamStructureError, match=r"4 heads of 32, so its gate would be \(128, 128\), but the config "
+                                                     r"implies \(256, 128\)"):
+        vllm_engine(save_with_tokenizer(model, tmp_path / "gated"))

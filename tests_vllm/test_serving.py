@@ -1,0 +1,70 @@
+"""vLLM serves gated checkpoints exactly as transformers and the plugin compute them, and refuses broken ones."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from conftest import (randomize_gates, save_with_tokenizer, smollm2, tiny_model,
+                      transformers_greedy, vllm_engine, vllm_greedy)
+
+import gated_patch as gp
+
+SMOLLM2_CONFIGS = {
+    "elementwise/hidden/sigmoid/identity-scale": gp.GateConfig(),
+    "headwise/attn_output/silu/no-bias/layer-subset": gp.GateConfig(
+        granularity="headwise", gate_input="attn_output", activation="silu", bias=False, layers=[0, 7, 15, 29]),
+    "elementwise/attn_output/sigmoid/paper": gp.GateConfig(gate_input="attn_output", init="paper"),
+    "headwise/hidden/sigmoid/paper/no-bias": gp.GateConfig(granularity="headwise", init="paper", bias=False),
+}
+
+
+def assert_same_answers(got, want, tolerance=1e-3):
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want, strict=True):
+        assert tokens == want_tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs, strict=True)) <= tolerance
+
+
+def serve(path, **kwargs):
+    llm = vllm_engine(path, **kwargs)
+    try:
+        return vllm_greedy(llm)
+    finally:
+        del llm
+        gc.collect()
+
+
+@pytest.mark.parametrize("name", SMOLLM2_CONFIGS)
+def test_smollm2_gated_checkpoints_give_transformers_tokens_and_logprobs(name, tmp_path, smollm2_answers_ungated):
+    model = gp.patch_model(smollm2(), SMOLLM2_CONFIGS[name])
+    randomize_gates(model, std=0.3)
+    want = transformers_greedy(model)
+    assert [tokens for tokens, _ in want] != [tokens for tokens, _ in smollm2_answers_ungated]  # the gates act
+    assert_same_answers(serve(save_with_tokenizer(model, tmp_path / "gated")), want)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "qwen3"])
+def test_every_built_in_family_serves_exactly(model_type, tmp_path):
+    model = gp.patch_model(tiny_model(model_type), gp.GateConfig(granularity="headwise", bias=True))
+    randomize_gates(model)
+    ungated = transformers_greedy(tiny_model(model_type))
+    want = transformers_greedy(model)
+    assert [t for t, _ in want] != [t for t, _ in ungated]
+    assert_same_answers(serve(save_with_tokenizer(model, tmp_path / model_type)), want)
+
+
+def test_a_gate_only_adapter_merged_into_a_gated_checkpoint_serves_exactly(tmp_path):
+    """vLLM serves neither `modules_to_save` nor LNTuning adapters: merge the adapter, save, serve."""
+    peft_model = gp.get_gated_peft_model(gp.patch_model(tiny_model("llama"), gp.GateConfig()), gp.gate_only_config())
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=50.0)
+    for _ in range(3):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    merged = peft_model.merge_and_unload().eval()
+    assert gp.is_patched(merged)
+    want = transformers_greedy(merged)
+    assert [t for t, _ in want] != [t for t, _ in transformers_greedy(tiny_model("llama"))]  # training moved the gates
+    assert_same_answers(serve(save_with_tokenizer(merged, tmp_path / "merged")), want)
