@@ -1,15 +1,16 @@
 """What the gate costs when vLLM serves it: throughput of gated / ungated SmolLM2-135M-Instruct in vLLM.
 
 Runs in the vLLM venv (`make test-vllm` builds it). Three checkpoints (ungated, elementwise and headwise gates on the
-hidden states, the paper's G1, with identity init plus N(0, 0.02) noise) are served by three vLLM engines, each in
-its own processes, all started before timing. Every repetition runs each workload once per engine, the order rotated
+hidden states, the paper's G1, with identity init plus N(0, 0.02) noise) are served by three vLLM engines, all
+started before timing and all in this process (an idle engine in processes of its own keeps polling a core). Every repetition runs each workload once per engine, the order rotated
 between repetitions, after one untimed warm-up; the report gives the median time ratio gated / ungated (the inverse
 of the throughput ratio) beside the ratio of matmul FLOPs per token counted from the shapes.
 
 Workloads: ``prefill`` (--requests prompts of --prefill-len tokens, one output token each) and ``decode``
 (--requests prompts of 16 tokens, --decode-tokens output tokens each, EOS ignored), submitted as one batch.
 
-    .venv-vllm/bin/python benchmarks/vllm_throughput.py            # writes results/vllm_throughput.json
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py            # eager: results/vllm_throughput.json
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py --compile  # vLLM's default mode: ..._compiled.json
     .venv-vllm/bin/python benchmarks/vllm_throughput.py --quick    # smoke run
 """
 
@@ -23,6 +24,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process: an idle one takes no CPU
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("ungated", "elementwise/hidden", "headwise/hidden")
@@ -73,9 +75,9 @@ def matmul_flops_per_token(variant: str) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--prefill-len", type=int, default=512)
-    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--prefill-len", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="vLLM's torch.compile (default: enforce_eager)")
     parser.add_argument("--cache", default=os.path.join(HERE, "..", "outputs", "vllm_throughput_checkpoints"))
     parser.add_argument("--out", default=None)
@@ -83,7 +85,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.requests, args.prefill_len, args.decode_tokens = 2, 2, 64, 8
-    out = args.out or os.path.join(HERE, "results", "vllm_throughput_quick.json" if args.quick else "vllm_throughput.json")
+    name = "vllm_throughput" + ("_compiled" if args.compile else "") + ("_quick" if args.quick else "")
+    out = args.out or os.path.join(HERE, "results", name + ".json")
 
     import vllm
     from tqdm import tqdm
@@ -132,19 +135,19 @@ def main(argv=None) -> None:
     table = render_table(report)
     print(table)
     if not args.quick:
-        update_docs(DOCS, table)
+        update_docs(DOCS, table, "compiled" if args.compile else "eager")
 
 
 DOCS = os.path.join(HERE, "..", "docs", "serving.md")
-START, END = "<!-- vllm-throughput:start -->", "<!-- vllm-throughput:end -->"
 
 
-def update_docs(path: str, table: str) -> None:
-    """Replace the table between the markers in `path` (atomically)."""
+def update_docs(path: str, table: str, mode: str) -> None:
+    """Replace the table between the `mode`'s markers in `path` (atomically)."""
     from gated_patch.checkpoints import files
 
+    start_marker, end_marker = f"<!-- vllm-throughput-{mode}:start -->", f"<!-- vllm-throughput-{mode}:end -->"
     text = open(path).read()
-    start, end = text.index(START) + len(START), text.index(END)
+    start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
     files.atomic_write(path, text[:start] + "\n" + table + "\n" + text[end:])
 
 

@@ -1,5 +1,5 @@
 """``gated-patch-convert SRC OUT``: convert a checkpoint to the gated format (streaming, atomic), import the fused
-gate layouts of other implementations, or export a gated checkpoint to them. See README, "Checkpoints"."""
+gate layouts of other implementations, or export a gated checkpoint to them or to a native architecture."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from typing import Optional
 
 from gated_patch.checkpoints import layouts
-from gated_patch.checkpoints.convert import SOURCE_LAYOUTS, convert
+from gated_patch.checkpoints.convert import SOURCE_LAYOUTS, TARGET_LAYOUTS, convert
 from gated_patch.checkpoints.hub import push_to_hub
 from gated_patch.arguments import add_gate_config_arguments, gate_config_from_args, run_cli
 
@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of --init paper gate weights")
     parser.add_argument("--source-layout", choices=SOURCE_LAYOUTS, default="auto",
                         help="auto: paper if config.json sets a paper gate flag, else plain (default)")
-    parser.add_argument("--target-layout", choices=layouts.LAYOUTS, default=layouts.PLUGIN,
-                        help="plugin (default) or export a gated checkpoint to a fused layout")
+    parser.add_argument("--target-layout", choices=TARGET_LAYOUTS, default=layouts.PLUGIN,
+                        help="plugin (default), or export a gated checkpoint to a fused layout or (qwen3_5) to a "
+                             "native transformers architecture")
     parser.add_argument("--revision", default=None, help="Hub revision of SRC")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     parser.add_argument("--verify", action="store_true", help="load source and result and check them")

@@ -78,7 +78,7 @@ def vllm_greedy(llm, prompts=PROMPTS, max_tokens=MAX_TOKENS):
 def vllm_engine(path, **kwargs):
     from vllm import LLM
 
-    return LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256, seed=0, **kwargs)
+    return LLM(model=str(path), **{"dtype": "float32", "enforce_eager": True, "max_model_len": 256, "seed": 0, **kwargs})
 
 
 @pytest.fixture(scope="session")

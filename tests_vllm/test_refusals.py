@@ -95,3 +95,10 @@ def test_a_config_vllm_reads_differently_from_transformers_is_refused(tmp_path):
     with pytest.raises(UpstreamStructureError, match=r"4 heads of 32, so its gate would be \(128, 128\), but the config "
                                                      r"implies \(256, 128\)"):
         vllm_engine(save_with_tokenizer(model, tmp_path / "gated"))
+
+
+def test_lora_serving_of_a_gated_checkpoint_is_refused(checkpoint):
+    """vLLM's LoRA layers replace o_proj, which applies the gate: the gate would vanish."""
+    _, path = checkpoint
+    with pytest.raises(UpstreamStructureError, match="Merge the adapter into the gated model"):
+        vllm_engine(path, enable_lora=True)

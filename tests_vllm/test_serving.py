@@ -68,3 +68,11 @@ def test_a_gate_only_adapter_merged_into_a_gated_checkpoint_serves_exactly(tmp_p
     want = transformers_greedy(merged)
     assert [t for t, _ in want] != [t for t, _ in transformers_greedy(tiny_model("llama"))]  # training moved the gates
     assert_same_answers(serve(save_with_tokenizer(merged, tmp_path / "merged")), want)
+
+
+def test_vllms_compiled_model_keeps_the_gate(tmp_path):
+    """vLLM's default mode traces the model with torch.compile (CUDA graphs on GPU): the gate is in the graph."""
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig(gate_input="attn_output", activation="silu"))
+    randomize_gates(model)
+    assert_same_answers(serve(save_with_tokenizer(model, tmp_path / "gated"), enforce_eager=False),
+                        transformers_greedy(model))

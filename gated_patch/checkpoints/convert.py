@@ -26,7 +26,7 @@ from ..core.checkpoint import GATE_CONFIG_KEY, GATE_MODULES_KEY
 from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError
 from ..families import family_for_config
-from . import layouts
+from . import layouts, native
 from .files import (DTYPES, SourceShard, find_weight_files, open_shards, read_json, staging_directory, tensor_nbytes,
                     write_json, write_safetensors)
 from .format import config_object, family_of, gated_config_entries, is_gate_tensor, is_gated_model_type
@@ -35,6 +35,7 @@ from .remote_code import write_remote_code
 from .validate import check_gate_tensors, gate_config_from
 
 SOURCE_LAYOUTS = ("auto", "plain", layouts.PAPER, layouts.QWEN3_NEXT)
+TARGET_LAYOUTS = (*layouts.LAYOUTS, *native.NATIVE_LAYOUTS)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -63,7 +64,7 @@ class ConversionPlan:
     family: str
     modules: dict  # where the gated modules are (attn_output_gate_modules)
     source_layout: str  # plain / paper / qwen3-next / plugin (a gated checkpoint)
-    target_layout: str  # plugin / paper / qwen3-next
+    target_layout: str  # plugin / paper / qwen3-next / qwen3_5 (native)
     gate: GateConfig
     config: dict
     shards: list[OutputShard]
@@ -176,8 +177,8 @@ def plan_conversion(
     source = Path(source)
     if source_layout not in SOURCE_LAYOUTS:
         raise GatedCheckpointError(f"Unknown source layout {source_layout!r}; choose one of {list(SOURCE_LAYOUTS)}.")
-    if target_layout not in layouts.LAYOUTS:
-        raise GatedCheckpointError(f"Unknown target layout {target_layout!r}; choose one of {list(layouts.LAYOUTS)}.")
+    if target_layout not in TARGET_LAYOUTS:
+        raise GatedCheckpointError(f"Unknown target layout {target_layout!r}; choose one of {list(TARGET_LAYOUTS)}.")
     config_path = source / CONFIG_NAME
     config = read_json(config_path, "SRC must be a transformers checkpoint directory")
     model_type = config.get("model_type")
@@ -201,12 +202,15 @@ def plan_conversion(
         if target_layout == layouts.PLUGIN:
             raise GatedCheckpointError(
                 f"{source}: already a gated checkpoint (model_type {model_type!r}); nothing to convert. Pass "
-                "--target-layout paper or qwen3-next to export it to a fused layout."
+                "--target-layout paper or qwen3-next to export it to a fused layout, or qwen3_5 to a native one."
             )
         if source_layout not in ("auto",):
             raise GatedCheckpointError(f"{source}: a gated checkpoint has the plugin layout; drop --source-layout.")
         detected = layouts.PLUGIN
-        layouts.check_exportable(gate, num_layers, target_layout)
+        if target_layout in native.NATIVE_LAYOUTS:
+            native.check_native_export(family, gate, config, target_layout)
+        else:
+            layouts.check_exportable(gate, num_layers, target_layout)
     else:
         if target_layout != layouts.PLUGIN:
             raise GatedCheckpointError(
@@ -304,6 +308,12 @@ def plan_conversion(
             extra_gates.append((gate_name(i, "weight"), dtype, (rows, in_features), weight))
             if gate.bias:
                 extra_gates.append((gate_name(i, "bias"), dtype, (rows,), lambda d=torch_dtype: torch.zeros(rows, dtype=d)))
+    elif target_layout in native.NATIVE_LAYOUTS:  # export to a native architecture (the checks are above)
+        replaced, dropped, extra_gates = native.native_tensor_plan(
+            gate, shape, num_layers, lambda i: f"{modules['decoder_layers']}.{i}.{modules['attention']}",
+            {name: entry(name) for name in by_name}, read)
+        out_config = native.native_config(config, gate)
+        notes.append(f"exported to {native.NATIVE_ARCHITECTURE} ({native.NATIVE_MODEL_TYPE}): loads in plain transformers")
     else:  # export the plugin layout to a fused one
         granularity = gate.granularity
         for i in range(num_layers):
@@ -500,6 +510,16 @@ def verify_conversion(plan: ConversionPlan, out: Path) -> str:
         if plan.gate.init == "identity" and diff != 0.0:
             raise GatedCheckpointError(f"verify: identity gates changed the logits (max |diff| {diff:g}); please report this.")
         return f"verify: OK, upstream tensors identical, max |logit diff| on the prompt {diff:g} (init={plan.gate.init})"
+    if plan.target_layout in native.NATIVE_LAYOUTS:  # a native architecture: plain transformers, the same logits
+        source_model = AutoModelForCausalLM.from_pretrained(plan.source).eval()
+        result = AutoModelForCausalLM.from_pretrained(out).eval()
+        ids = _prompt_ids(out, source_model.config.vocab_size)
+        with torch.no_grad():
+            diff = (source_model(ids).logits - result(ids).logits).abs().max().item()
+        if diff > 1e-5:
+            raise GatedCheckpointError(f"verify: {type(result).__name__} differs from the gated model (max |logit diff| "
+                                       f"{diff:g}); please report this.")
+        return f"verify: OK, {type(result).__name__} reproduces the gated logits (max |diff| {diff:g})"
     # fused layouts: round trip the tensors through the inverse conversion
     back_layout = plan.source_layout if plan.target_layout == layouts.PLUGIN else layouts.PLUGIN
     shape = layouts.AttentionShape.from_config(config_object(out / CONFIG_NAME))
@@ -542,9 +562,12 @@ def _prompt_ids(path: Path, vocab_size: int) -> torch.Tensor:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path)(VERIFY_PROMPT, return_tensors="pt").input_ids
+        ids = AutoTokenizer.from_pretrained(path)(VERIFY_PROMPT, return_tensors="pt").input_ids
     except Exception:  # noqa: BLE001 - no (loadable) tokenizer: a fixed token sequence still checks identity
-        return torch.arange(1, 17).remainder(vocab_size).unsqueeze(0)
+        ids = None
+    if ids is None or not ids.numel() or int(ids.max()) >= vocab_size:  # a tokenizer built with no files: no tokens
+        ids = torch.arange(1, 17).remainder(vocab_size).unsqueeze(0)
+    return ids
 
 
 # -------------------------------------------------------------------------------------------------------- top level

@@ -100,11 +100,12 @@ def check_vllm_attention(attention: nn.Module, where: str) -> None:
         fail(f"o_proj takes {projection.input_size} features, not {attention.total_num_heads} heads x {attention.head_dim}")
 
 
-def gate_attention(attention: nn.Module, config: GateConfig, hidden_size: int, prefix: str, quant_config=None) -> None:
-    """Give one vLLM attention module its gate (tensor-parallel, sharded by heads as the query is)."""
+def gate_attention(attention: nn.Module, config: GateConfig, hidden_size: int, prefix: str) -> None:
+    """Give one vLLM attention module its gate (tensor-parallel, sharded by heads as the query is; never quantized:
+    the checkpoint holds it in the model's float dtype)."""
     out_features, in_features = gate_shape(config, hidden_size, attention.total_num_heads, attention.head_dim)
     gate = ColumnParallelLinear(in_features, out_features, bias=config.bias, gather_output=False,
-                                params_dtype=attention.o_proj.params_dtype, quant_config=quant_config,
+                                params_dtype=attention.o_proj.params_dtype, quant_config=None,
                                 prefix=f"{prefix}.{GATE_MODULE_NAME}")
     attention.add_module(GATE_MODULE_NAME, gate)
     attention.__class__ = _gated_attention_class(type(attention))
@@ -125,15 +126,25 @@ class GatedVllmModelMixin:
         if self.gate_modules["output_projection"] != "o_proj":
             raise UpstreamStructureError(f"Cannot serve this gated checkpoint in vLLM: its output projection is "
                                          f"{self.gate_modules['output_projection']!r}; the vLLM plugin gates o_proj only.")
+        if vllm_config.lora_config is not None:  # vLLM's LoRA layers replace o_proj and would bypass the gate
+            raise UpstreamStructureError("Cannot serve a gated checkpoint with LoRA adapters in vLLM (enable_lora): vLLM's "
+                                         "LoRA layers replace the output projection that applies the gate. Merge the "
+                                         "adapter into the gated model (merge_and_unload, save_pretrained) and serve that.")
         text = hf_config.get_text_config()
-        layers = self.get_submodule(self.gate_modules["decoder_layers"])
+        try:
+            layers = self.get_submodule(self.gate_modules["decoder_layers"])
+        except AttributeError:
+            raise UpstreamStructureError(
+                f"Cannot serve this gated checkpoint in vLLM: vLLM's {type(self).__bases__[1].__name__} has no module "
+                f"{self.gate_modules['decoder_layers']!r}, where the checkpoint's gates are. Serve it with transformers "
+                "and the plugin.") from None
         for index in self.gate_config.layer_indices(text.num_hidden_layers):
             where = f"{self.gate_modules['decoder_layers']}.{index}.{self.gate_modules['attention']}"
             if not hasattr(layers[index], self.gate_modules["attention"]):  # a layer another pipeline stage holds
                 continue
             attention = layers[index].get_submodule(self.gate_modules["attention"])
             check_vllm_attention(attention, where)
-            gate_attention(attention, self.gate_config, text.hidden_size, where, vllm_config.quant_config)
+            gate_attention(attention, self.gate_config, text.hidden_size, where)
             built, implied = (attention.attn_gate.output_size, attention.attn_gate.input_size), \
                 self.gate_tensor_shapes[f"{where}.{GATE_MODULE_NAME}.weight"]
             if built != implied:  # vLLM reads the head sizes differently from transformers (it computes another model)
