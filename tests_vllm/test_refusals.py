@@ -64,7 +64,7 @@ def test_a_gate_config_the_plugin_cannot_run_is_refused(checkpoint):
 def test_a_vllm_outside_the_declared_range_is_refused(checkpoint, monkeypatch):
     path, _ = checkpoint
     monkeypatch.setattr(vllm_models.vllm, "__version__", "0.33.1")
-    with pytest.raises(UpstreamStructureError, match=r"supports vllm>=0\.32\.0,<0\.33\.0; vLLM 0\.33\.1 is installed"):
+    with pytest.raises(UpstreamStructureError, match=r"supports vllm>=0\.32\.0,<0\.33\.0; vllm 0\.33\.1 is installed"):
         vllm_engine(path)
 
 

@@ -492,6 +492,7 @@ def verify_conversion(plan: ConversionPlan, out: Path) -> str:
     """Check the written checkpoint against its source; returns a one-line summary, raises on a mismatch.
 
     Plain source: every upstream tensor is unchanged and (identity gates) the logits on a prompt are equal.
+    Native architecture: plain transformers' model of the result gives the gated model's logits.
     Fused layouts: converting the result back gives the source tensors bit for bit.
     """
     from transformers import AutoModelForCausalLM
@@ -504,18 +505,14 @@ def verify_conversion(plan: ConversionPlan, out: Path) -> str:
         changed = [k for k in source_state if not torch.equal(source_state[k], result_state[k])]
         if changed or set(result_state) - set(source_state) != set(plan.gate_tensors):
             raise GatedCheckpointError(f"verify: {out} differs from {plan.source} in {changed[:5]}; please report this.")
-        ids = _prompt_ids(out, source_model.config.vocab_size)
-        with torch.no_grad():
-            diff = (source_model(ids).logits - result(ids).logits).abs().max().item()
+        diff = _max_logit_diff(source_model, result, out)
         if plan.gate.init == "identity" and diff != 0.0:
             raise GatedCheckpointError(f"verify: identity gates changed the logits (max |diff| {diff:g}); please report this.")
         return f"verify: OK, upstream tensors identical, max |logit diff| on the prompt {diff:g} (init={plan.gate.init})"
     if plan.target_layout in native.NATIVE_LAYOUTS:  # a native architecture: plain transformers, the same logits
         source_model = AutoModelForCausalLM.from_pretrained(plan.source).eval()
         result = AutoModelForCausalLM.from_pretrained(out).eval()
-        ids = _prompt_ids(out, source_model.config.vocab_size)
-        with torch.no_grad():
-            diff = (source_model(ids).logits - result(ids).logits).abs().max().item()
+        diff = _max_logit_diff(source_model, result, out)
         if diff > 1e-5:
             raise GatedCheckpointError(f"verify: {type(result).__name__} differs from the gated model (max |logit diff| "
                                        f"{diff:g}); please report this.")
@@ -556,6 +553,13 @@ def verify_conversion(plan: ConversionPlan, out: Path) -> str:
     for shard in out_shards:
         shard.close()
     return f"verify: OK, {checked} source tensors round-trip exactly through the {back_layout} layout"
+
+
+def _max_logit_diff(source_model, result, out: Path) -> float:
+    """max |logits difference| of two models on the verify prompt (tokenized with OUT's tokenizer, if it has one)."""
+    ids = _prompt_ids(out, source_model.config.vocab_size)
+    with torch.no_grad():
+        return (source_model(ids).logits - result(ids).logits).abs().max().item()
 
 
 def _prompt_ids(path: Path, vocab_size: int) -> torch.Tensor:

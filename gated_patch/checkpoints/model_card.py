@@ -87,20 +87,21 @@ Without either, loading fails (the `gated_*` model type is unknown) rather than 
 def exported_model_card(source: str, gate: GateConfig, layout: str) -> ModelCard:
     """The card of a checkpoint exported to a fused gate layout or a native architecture."""
     data = ModelCardData(library_name="transformers", tags=["gated-attention", f"gate-layout-{layout}"])
-    flags = (
-        "config flag `" + ("elementwise" if gate.granularity == "elementwise" else "headwise") + "_attn_output_gate`"
-        if layout == "paper"
-        else "no config flag (load it with code that expects the Qwen3-Next attention layout)"
-    )
     if layout == "qwen3_5":
-        flags = "a native `Qwen3_5ForCausalLM` (`qwen3_5_text`, every layer full attention)"
-    details = f"{flags[0].upper()}{flags[1:]} that computes exactly the gated model; plain transformers " \
-        "(`AutoModelForCausalLM`) and engines that support Qwen3.5 load it." if layout == "qwen3_5" else (
-        f"`q_proj` produces the query and the gate ({layout} layout, {flags}); the gate is `sigmoid(x @ W)`. "
-        "Plain transformers classes refuse this checkpoint (the `q_proj` shape does not match); use code that "
-        "implements this layout, or import it back with `gated-patch-convert --source-layout "
-        f"{layout} SRC OUT`."
-    )
+        details = ("A native `Qwen3_5ForCausalLM` (`qwen3_5_text`, every layer full attention) that computes exactly "
+                   "the gated model; plain transformers (`AutoModelForCausalLM`) and engines that support Qwen3.5 load it.")
+    else:
+        flags = (
+            "config flag `" + ("elementwise" if gate.granularity == "elementwise" else "headwise") + "_attn_output_gate`"
+            if layout == "paper"
+            else "no config flag (load it with code that expects the Qwen3-Next attention layout)"
+        )
+        details = (
+            f"`q_proj` produces the query and the gate ({layout} layout, {flags}); the gate is `sigmoid(x @ W)`. "
+            "Plain transformers classes refuse this checkpoint (the `q_proj` shape does not match); use code that "
+            "implements this layout, or import it back with `gated-patch-convert --source-layout "
+            f"{layout} SRC OUT`."
+        )
     return ModelCard.from_template(
         data,
         template_str=_TEMPLATE,

