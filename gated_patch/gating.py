@@ -74,6 +74,13 @@ def _gate_device(projection: nn.Module) -> torch.device:
     return projection.weight.device
 
 
+def _gate_dtype(model: PreTrainedModel, projection: nn.Module) -> torch.dtype:
+    """The gate's dtype: the output projection's, or for a quantized projection (integer storage, e.g. bitsandbytes
+    4-bit or 8-bit) the model's float dtype, which its activations (the gate's input and output) have: the gate is a
+    plain trainable float layer."""
+    return projection.weight.dtype if projection.weight.dtype.is_floating_point else model.dtype
+
+
 def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) -> PreTrainedModel:
     """Gate the attention modules of `model` (of `family`) in place; every check runs before anything changes."""
     check_transformers_version()
@@ -106,7 +113,8 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) ->
         projection = getattr(attention, family.output_projection)
         attach_gate(attention, gate, hidden_size=text_config.hidden_size,
                     init_std=getattr(text_config, "initializer_range", None) or 0.02,
-                    output_projection=family.output_projection, device=_gate_device(projection))
+                    output_projection=family.output_projection, device=_gate_device(projection),
+                    dtype=_gate_dtype(model, projection))
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             module.__class__ = gated_subclass(type(module), GatedModelMixin)

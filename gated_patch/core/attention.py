@@ -54,13 +54,13 @@ def _gate_projection_input(projection, args):
 
 
 def attach_gate(attention: nn.Module, config: GateConfig, *, hidden_size: int, init_std: float,
-                output_projection: str = "o_proj", device=None) -> None:
-    """Gate one attention module; the gate gets the output projection's dtype and (by default) device."""
+                output_projection: str = "o_proj", device=None, dtype=None) -> None:
+    """Gate one attention module; the gate gets the output projection's dtype and device unless they are given."""
     projection = getattr(attention, output_projection)
     num_heads = projection.in_features // attention.head_dim
     out_features, in_features = gate_shape(config, hidden_size, num_heads, attention.head_dim)
     gate = AttentionGateLinear(in_features, out_features, bias=config.bias, init=config.init, init_std=init_std,
-                               device=device or projection.weight.device, dtype=projection.weight.dtype)
+                               device=device or projection.weight.device, dtype=dtype or projection.weight.dtype)
     attention.add_module(GATE_MODULE_NAME, gate.train(attention.training))
     attention.gate_config, attention.gate_num_heads, attention.gate_projection_name = config, num_heads, output_projection
     attention.__dict__[_HOOKS] = [attention.register_forward_pre_hook(_hold_input, with_kwargs=True),
