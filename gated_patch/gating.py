@@ -19,6 +19,7 @@ from .core.checkpoint import GATE_CONFIG_KEY, GATE_MODULES_KEY
 from .core.config import GateConfig
 from .core.errors import GatedCheckpointError, NotPatchedError, UnsupportedModelError
 from .core.gate import gate_shape
+from .core.parallel import add_gate_tp_plan, remove_gate_tp_plan
 from .core.versions import check_transformers_version
 
 
@@ -102,6 +103,11 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) ->
         if attention is None:
             raise NotPatchedError(f"Decoder layer {index} has no `{family.attention}` module; check the registration.")
         where = f"{family.decoder_layers}[{index}].{family.attention}"
+        if any(hasattr(p, "placements") for p in attention.parameters()):
+            raise UnsupportedModelError(
+                f"Cannot gate {where}: its weights are already split across ranks (DTensor: tensor parallelism or FSDP). "
+                "Patch the model before sharding it, or patch and save it in one process and load the gated checkpoint "
+                "with tp_plan='auto' (transformers then shards the gates with the heads).")
         check_attention_structure(attention, family, where, getattr(text_config, "num_attention_heads", None))
         num_heads = getattr(attention, family.output_projection).in_features // attention.head_dim
         shape = gate_shape(gate, text_config.hidden_size, num_heads, attention.head_dim)
@@ -119,6 +125,7 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) ->
         if isinstance(module, PreTrainedModel):
             module.__class__ = gated_subclass(type(module), GatedModelMixin)
             refresh_output_recording(module)
+    add_gate_tp_plan(model, gate, family.gate_modules)
     setattr(model.config, GATE_CONFIG_KEY, gate.to_dict())
     setattr(model.config, GATE_MODULES_KEY, family.gate_modules)
     return model
@@ -128,6 +135,7 @@ def ungate_model(model: PreTrainedModel) -> PreTrainedModel:
     """Remove every gate and restore the original classes: exactly the ungated model again."""
     for _, attention in gated_attention_modules(model):
         detach_gate(attention)
+    remove_gate_tp_plan(model)
     for module in model.modules():
         if isinstance(module, GatedModelMixin):
             module.__class__ = original_class(type(module))

@@ -22,7 +22,7 @@ from .files import atomic_write
 REMOTE_CODE_FILE = "modeling_gated_attention.py"
 REMOTE_MODULE = REMOTE_CODE_FILE[: -len(".py")]
 CORE = Path(__file__).resolve().parent.parent / "core"
-PARTS = ("errors", "versions", "config", "gate", "attention", "checkpoint")  # gated_patch/core/<part>.py, in order
+PARTS = ("errors", "versions", "config", "gate", "attention", "parallel", "checkpoint")  # gated_patch/core/<part>.py, in order
 ROOTS = ("check_transformers_version", "GatedCausalLM", "gated_config_class", "__getattr__")
 ALLOWED_IMPORTS = ("torch", "transformers")
 ALLOWED_PRIVATE = ("_init_weights",)  # the method transformers documents for models that add parameters
@@ -88,8 +88,8 @@ def remote_code_source() -> str:
         lines.append(f"# ---- gated_patch/core/{part}.py: {summary}")
         for node in body:
             if id(node) in kept:
-                if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not lines[-1].startswith("# ----"):
-                    lines.append("")
+                if isinstance(node, ast.ClassDef) and len(node.body) > 1 and not lines[-1].startswith("# ----"):
+                    lines.append("")  # a blank line before each class with a body, to keep the file short
                 lines.append(_with_short_docstrings(source, node))
         if part == "versions":  # the version check runs before anything else is defined
             lines.append("check_transformers_version()  # at import: refuse a transformers this file was not made for")

@@ -50,7 +50,8 @@ def _gate_projection_input(projection, args):
     if context is not None:
         attention, hidden_states = context
         gate, config = getattr(attention, GATE_MODULE_NAME), attention.gate_config
-        return (apply_gate(args[0], hidden_states, gate, config, attention.gate_num_heads), *args[1:])
+        heads = args[0].shape[-1] // attention.head_dim  # this rank's heads under tensor parallelism
+        return (apply_gate(args[0], hidden_states, gate, config, heads), *args[1:])
 
 
 def attach_gate(attention: nn.Module, config: GateConfig, *, hidden_size: int, init_std: float,

@@ -15,6 +15,7 @@ from torch import nn
 from .attention import GATE_MODULE_NAME, GatedPreTrainedMixin, attach_gate, gated_subclass
 from .config import GateConfig
 from .errors import GatedCheckpointError
+from .parallel import add_gate_tp_plan, check_gate_sharding
 
 GATED_PREFIX = "gated_"  # model_type of a gated checkpoint of family f: "gated_" + f
 GATE_CONFIG_KEY = "attn_output_gate"  # config attribute (and config.json key) holding the gate config
@@ -49,10 +50,12 @@ def add_gates(model: nn.Module, gate: GateConfig, modules: dict[str, str]) -> No
         attach_gate(layers[index].get_submodule(modules["attention"]), gate, hidden_size=text_config.hidden_size,
                     init_std=getattr(text_config, "initializer_range", None) or 0.02,
                     output_projection=modules["output_projection"])
+    add_gate_tp_plan(model, gate, modules)
 
 
 def load_checked(load, pretrained_model_name_or_path, *args, **kwargs):
-    """``load`` (a ``from_pretrained``), refusing a load that left any tensor missing, unused or reshaped.
+    """``load`` (a ``from_pretrained``), refusing a load that left any tensor missing, unused or reshaped, or split a
+    gate across tensor-parallel ranks otherwise than its heads.
 
     transformers would initialise a missing gate (an identity gate becomes a random ~0.5 gate) and only warn about
     gate tensors the model has no place for. Same return convention as ``from_pretrained``.
@@ -66,6 +69,7 @@ def load_checked(load, pretrained_model_name_or_path, *args, **kwargs):
     if problems:
         raise GatedCheckpointError(f"Gated checkpoint {pretrained_model_name_or_path}: {'; '.join(problems)}. A truncated or "
                                    "hand-edited checkpoint? Re-save or re-convert it; it is not loaded with made-up weights.")
+    check_gate_sharding(model)
     return (model, info) if want_info else model
 
 

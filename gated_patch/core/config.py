@@ -43,8 +43,7 @@ class GateConfig:
             raise GateConfigError(f"GateConfig.layers must be None (every layer) or a list of layer indices >= 0, no duplicates; got {layers!r}.")
         if layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(layers)))
-        # Derived constants (not fields): the pre-activation offset, 1 for identity SiLU gates since silu(0) = 0 cannot
-        # be scaled to 1, and the output scale, 1 / activation(offset) for identity gates (2 for sigmoid), else 1.
+        # Derived (not fields): offset 1 for identity SiLU (silu(0) = 0), scale 1 / activation(offset) for identity.
         z = 1.0 if self.init == "identity" and self.activation == "silu" else 0.0
         sigmoid = 1.0 / (1.0 + math.exp(-z))
         object.__setattr__(self, "preactivation_offset", z)

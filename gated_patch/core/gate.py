@@ -33,7 +33,7 @@ class AttentionGateLinear(nn.Linear):
             return super().forward(input)
         vector = input.reshape(-1)
         out = torch.mv(self.weight, vector) if self.bias is None else torch.addmv(self.bias, self.weight, vector)
-        return out.reshape(*input.shape[:-1], self.out_features)
+        return out.reshape(*input.shape[:-1], -1)  # -1: a tensor-parallel rank holds some of the out_features
 
     def reset_parameters(self) -> None:
         init = getattr(self, "gate_init", None)  # None while nn.Linear.__init__ runs: the gate's init comes after it

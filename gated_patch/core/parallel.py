@@ -1,0 +1,35 @@
+"""Tensor parallelism: every gate is split across ranks by heads, exactly as its output projection's input is."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .attention import GATE_MODULE_NAME, is_gated_attention
+from .config import GateConfig
+from .errors import GatedCheckpointError
+
+
+def add_gate_tp_plan(model: nn.Module, gate: GateConfig, modules: dict[str, str]) -> None:
+    """Give the gates transformers' ``colwise`` entry in ``model.tp_plan`` (the query heads' style) where the plan splits
+    the output projection by heads (``rowwise``); a gate computed from the attention output gets none (see below)."""
+    plan, attention = model.tp_plan or {}, f"{modules['decoder_layers']}.*.{modules['attention']}"
+    if plan.get(f"{attention}.{modules['output_projection']}") == "rowwise" and gate.gate_input == "hidden_states":
+        model.tp_plan = {**plan, f"{attention}.{GATE_MODULE_NAME}": "colwise"}
+
+
+def remove_gate_tp_plan(model: nn.Module) -> None:
+    """Inverse of `add_gate_tp_plan`."""
+    if any(key.endswith(f".{GATE_MODULE_NAME}") for key in model.tp_plan or {}):
+        model.tp_plan = {key: style for key, style in model.tp_plan.items() if not key.endswith(f".{GATE_MODULE_NAME}")}
+
+
+def check_gate_sharding(model: nn.Module) -> None:
+    """Refuse a model whose gates are not split across ranks (tensor parallelism) as their output projections' inputs."""
+    for name, attention in model.named_modules():
+        if is_gated_attention(attention):
+            split = getattr(getattr(attention, attention.gate_projection_name).weight, "placements", ())
+            gate = getattr(getattr(attention, GATE_MODULE_NAME).weight, "placements", ())
+            if len(gate) != len(split) or not all(g.is_shard(0) if s.is_shard(1) else g == s for s, g in zip(split, gate)):
+                raise GatedCheckpointError(f"{name}: gate split across ranks as {list(gate) or 'not'}, its heads as {list(split)}. "
+                                           "Tensor parallelism shards gates on the hidden states (gate_input='hidden_states') "
+                                           "where tp_plan splits o_proj 'rowwise'; load without tp_plan / tp_size.")
