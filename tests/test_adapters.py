@@ -217,12 +217,27 @@ def test_gate_adapter_into_peft_model_with_unpatched_base_raises(trained, tmp_pa
     assert str(directory) in message and f"self_attn.{GATE}" in message and "load_gated_adapter(base_model" in message
 
 
-def test_adapter_without_record_onto_unpatched_base_raises(tmp_path):
+def test_plain_get_peft_model_saves_the_record_too(tmp_path):
     from peft import get_peft_model
 
-    peft_model = get_peft_model(patched(), gate_only_config(route="modules_to_save"))  # plain PEFT: no record
+    model = patched(GateConfig(granularity="headwise"))
+    peft_model = get_peft_model(model, gate_only_config())  # what TRL's trainers call: not get_gated_peft_model
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.25)
     peft_model.save_pretrained(tmp_path)
-    assert not (tmp_path / SIDECAR_NAME).exists()
+    assert read_record(tmp_path)["gate_config"]["granularity"] == "headwise"
+    loaded = load_gated_adapter(tiny_model("llama"), tmp_path)  # patched as recorded
+    ids = torch.tensor([[3, 5, 7, 11]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, peft_model(ids).logits)
+
+
+def test_adapter_without_record_onto_unpatched_base_raises(tmp_path):
+    peft_model = get_gated_peft_model(patched(), gate_only_config(route="modules_to_save"))
+    peft_model.save_pretrained(tmp_path)
+    (tmp_path / SIDECAR_NAME).unlink()  # e.g. an adapter saved without gated_patch installed
     with pytest.raises(GatedAdapterError, match="gated_patch.patch_model"):
         load_gated_adapter(tiny_model("llama"), tmp_path)
     # onto a base patched by hand it loads, and the tensors are verified

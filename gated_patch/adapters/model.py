@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import weakref
 from importlib.metadata import version as _package_version
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,6 +21,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..checkpoints.files import staging_directory
+from ..checkpoints.saving import PEFT_CONFIG_HOOKS
 from ..core.attention import GATE_MODULE_NAME, gated_subclass
 from ..core.config import GateConfig
 from ..core.errors import NotPatchedError
@@ -48,7 +50,10 @@ _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # ----------------------------------------------------------------------------------------------------------- saving
 def gate_storage(peft_model: PeftModel, adapter_name: str) -> str:
     """How adapter `adapter_name` stores the gates: whole tensors, a LoRA-style delta, or not at all."""
-    base = peft_model.get_base_model()
+    return _gate_storage(peft_model.get_base_model(), adapter_name)
+
+
+def _gate_storage(base: nn.Module, adapter_name: str) -> str:
     kinds = set()
     for slot in gate_module_names(base):
         module = base.get_submodule(slot)
@@ -67,17 +72,20 @@ def gate_storage(peft_model: PeftModel, adapter_name: str) -> str:
 
 def adapter_record(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, Any]:
     """The gate record that `save_pretrained` writes beside adapter `adapter_name`."""
-    base = peft_model.get_base_model()
+    return _record(peft_model.get_base_model(), peft_model.peft_config[adapter_name], adapter_name)
+
+
+def _record(base: nn.Module, config: PeftConfig, adapter_name: str) -> dict[str, Any]:
     if not is_patched(base):
         raise NotPatchedError("The PEFT model's base is not patched; there is no gate to record.")
-    config = peft_model.peft_config[adapter_name]
+    bound = config.__dict__.get(_BOUND)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "gate_config": gate_config(base).to_dict(),
         "gate_modules": gate_module_names(base),
-        "gate_tensors": gate_storage(peft_model, adapter_name),
-        "base_gate_sha256": fingerprint(base_gate_tensors(base)),
+        "gate_tensors": _gate_storage(base, adapter_name),
+        "base_gate_sha256": bound[2] if bound else fingerprint(base_gate_tensors(base)),
         "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
         "gated_patch_version": _package_version_or_none("gated_patch"),
         "peft_version": _package_version_or_none("peft"),
@@ -89,6 +97,38 @@ def _package_version_or_none(name: str) -> Optional[str]:
         return _package_version(name)
     except Exception:  # not installed as a distribution (e.g. run from a source tree)
         return None
+
+
+_BOUND = "_gated_patch_base"  # PEFT config __dict__ key: (weakref to the gated base model, adapter name, base gate sha)
+
+
+class GatedPeftConfigMixin:
+    """In front of a PEFT config class once PEFT attaches the config to a gated model: its ``save_pretrained``
+    (which every ``PeftModel.save_pretrained`` calls last, on the main process) also writes the gate record, so an
+    adapter saved by any trainer (TRL's ``SFTTrainer`` calls ``get_peft_model`` itself) carries it."""
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        model_ref, adapter_name, _ = self.__dict__[_BOUND]
+        base = model_ref()
+        if base is not None and is_patched(base):
+            write_record(save_directory, _record(base, self, adapter_name))
+
+
+def bind_gate_records(model: nn.Module, configs: dict[str, PeftConfig]) -> None:
+    """`PEFT_CONFIG_HOOKS` entry: bind each adapter config to the gated model, fingerprinting the base gates now, while
+    every rank runs PEFT's wrapping (the fingerprint gathers sharded gates; saving runs on the main process only)."""
+    if not is_patched(model):
+        return
+    sha = None
+    for adapter_name, config in configs.items():
+        if _BOUND not in config.__dict__:
+            sha = sha or fingerprint(base_gate_tensors(model))
+            config.__class__ = gated_subclass(type(config), GatedPeftConfigMixin)
+            config.__dict__[_BOUND] = (weakref.ref(model), adapter_name, sha)
+
+
+PEFT_CONFIG_HOOKS.append(bind_gate_records)
 
 
 def _publish(staging: Path, target: Path) -> None:

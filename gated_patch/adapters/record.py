@@ -65,10 +65,12 @@ def base_gate_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes (exact: any changed bit changes it)."""
+    """SHA-256 over names, dtypes, shapes and bytes (exact: any changed bit changes it). A sharded tensor (FSDP2,
+    tensor parallelism) is gathered first: a collective, so every rank must call this."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
+        tensor = tensors[name].detach()
+        tensor = (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).to("cpu").contiguous()  # DTensor
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()

@@ -12,9 +12,32 @@ from .format import gate_tensor_shapes, gated_config_entries, set_config_class
 from .remote_code import write_remote_code
 
 
+#: Called as ``hook(model, configs)`` when PEFT attaches its adapter configs to a gated model (`gated_patch.adapters`
+#: registers the one that makes every saved adapter carry its gate record, whoever called ``get_peft_model``).
+PEFT_CONFIG_HOOKS: list = []
+
+
 class GatedModelMixin(GatedPreTrainedMixin):
     """In front of a patched model's `PreTrainedModel` classes: gates get their own weight init, and
     ``save_pretrained`` writes a gated checkpoint (``gated_<family>`` config, gate tensors, remote code)."""
+
+    @property
+    def peft_config(self):
+        """PEFT's adapter configs; PEFT's tuners set this on the model they wrap (`PEFT_CONFIG_HOOKS` then run)."""
+        try:
+            return self.__dict__["peft_config"]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no PEFT adapter") from None
+
+    @peft_config.setter
+    def peft_config(self, configs) -> None:
+        self.__dict__["peft_config"] = configs
+        for hook in PEFT_CONFIG_HOOKS:
+            hook(self, configs)
+
+    @peft_config.deleter
+    def peft_config(self) -> None:
+        self.__dict__.pop("peft_config", None)
 
     def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
         return save_gated_checkpoint(self, super().save_pretrained, save_directory, *args, **kwargs)
