@@ -29,7 +29,6 @@ QUANTIZATIONS = {
 # PEFT's name of a trained gate tensor (LNTuning keeps a trainable copy of the gate under ln_tuning_layers.default)
 TRAINED_GATE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.self_attn\.attn_gate\.ln_tuning_layers\.default\."
                           r"(weight|bias)$")
-EXPECTED_TRAINABLE = {(layer, kind) for layer in range(NUM_LAYERS) for kind in ("weight", "bias")}  # GateConfig().bias
 
 
 def eval_ids(vocab: int = VOCAB, shape=(2, 10)) -> torch.Tensor:
@@ -62,9 +61,10 @@ def storage_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def changed_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
-    assert before.keys() == after.keys(), (f"state_dict keys changed in training: lost {sorted(before.keys() - after.keys())}"
-                                           f", gained {sorted(after.keys() - before.keys())}")
-    return {name for name in before if before[name].dtype != after[name].dtype or not torch.equal(before[name], after[name])}
+    lost, gained = sorted(before.keys() - after.keys()), sorted(after.keys() - before.keys())
+    assert not lost and not gained, f"state_dict keys changed in training: lost {lost}, gained {gained}"
+    return {name for name in before
+            if before[name].dtype != after[name].dtype or not torch.equal(before[name], after[name])}
 
 
 def trainable_names(model) -> list[str]:
@@ -76,8 +76,9 @@ def check_trainable_are_the_gates(peft_model, num_layers: int = NUM_LAYERS) -> l
     not_gates = [name for name in names if not TRAINED_GATE.match(name)]
     assert not not_gates, f"gate-only PEFT left non-gate parameters trainable: {not_gates}"
     found = {(int(TRAINED_GATE.match(n).group(1)), TRAINED_GATE.match(n).group(2)) for n in names}
-    expected = {(layer, kind) for layer in range(num_layers) for kind in ("weight", "bias")}
-    assert found == expected, f"trainable gate tensors: missing {sorted(expected - found)}, extra {sorted(found - expected)}"
+    expected = {(layer, kind) for layer in range(num_layers) for kind in ("weight", "bias")}  # GateConfig().bias
+    assert found == expected, (f"trainable gate tensors: missing {sorted(expected - found)}, "
+                               f"extra {sorted(found - expected)}")
     return names
 
 
@@ -91,7 +92,8 @@ def train_gates(peft_model, *, vocab: int = VOCAB, steps: int = 3, seq_len: int 
         loss = peft_model(input_ids=ids, labels=ids).loss
         assert torch.isfinite(loss), f"step {step}: loss {loss}"
         loss.backward()
-        no_grad = [n for n, p in peft_model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+        no_grad = [n for n, p in peft_model.named_parameters()
+                   if p.requires_grad and (p.grad is None or not p.grad.any())]
         assert not no_grad, f"step {step}: trainable gate tensors without a gradient: {no_grad}"
         optimizer.step()
         optimizer.zero_grad()
@@ -138,7 +140,8 @@ def check_quantized(model, kind: str) -> None:
     layer_class = QUANTIZATIONS[kind][1]
     for index, layer in enumerate(model.model.layers):
         o_proj = layer.self_attn.o_proj
-        assert isinstance(o_proj, layer_class), f"layer {index} o_proj is {type(o_proj).__name__}, not {layer_class.__name__}"
+        assert isinstance(o_proj, layer_class), (f"layer {index} o_proj is {type(o_proj).__name__}, "
+                                                 f"not {layer_class.__name__}")
         assert not o_proj.weight.dtype.is_floating_point, f"layer {index} o_proj weight is {o_proj.weight.dtype}"
 
 
@@ -155,7 +158,8 @@ def test_bnb_patch_gives_float_trainable_gates_and_exact_logits(tiny_dir, kind):
         assert type(gate) is AttentionGateLinear, f"layer {index} gate is {type(gate).__name__}"
         for pname, parameter in gate.named_parameters():
             assert type(parameter) is torch.nn.Parameter and parameter.dtype == torch.float32, (
-                f"layer {index} gate {pname}: {type(parameter).__name__} {parameter.dtype}, expected a float32 Parameter")
+                f"layer {index} gate {pname}: {type(parameter).__name__} {parameter.dtype}, "
+                "expected a float32 Parameter")
             parameter.requires_grad_(True)  # an integer (quantized) tensor raises here
     out = logits(model, ids)
     assert torch.equal(out, reference), f"patched {kind} logits differ by {(out - reference).abs().max().item()}"
@@ -183,7 +187,8 @@ def test_bnb_gate_only_training_changes_the_gates_and_nothing_else(bnb_trained):
     3 AdamW steps those and only those tensors of the state_dict differ, quantized storage included)."""
     kind, peft_model = bnb_trained["kind"], bnb_trained["peft_model"]
     check_quantized(peft_model.get_base_model(), kind)  # training did not dequantize the base
-    assert len(bnb_trained["quantized_tensors"]) >= 7 * NUM_LAYERS, bnb_trained["quantized_tensors"]  # q,k,v,o,gate,up,down
+    # q, k, v, o, gate, up, down projections of every layer were in the before/after comparison
+    assert len(bnb_trained["quantized_tensors"]) >= 7 * NUM_LAYERS, bnb_trained["quantized_tensors"]
     stored = load_file(str(bnb_trained["adapter_dir"] / "adapter_model.safetensors"))
     assert len(stored) == 2 * NUM_LAYERS and all(".attn_gate." in k for k in stored), f"adapter holds {sorted(stored)}"
     assert all(t.dtype == torch.float32 for t in stored.values()), {k: t.dtype for k, t in stored.items()}
@@ -224,7 +229,8 @@ def test_bnb_adapter_merges_into_float_base_as_gated_checkpoint(bnb_trained, tin
     out = logits(loaded, bnb_trained["ids"])
     assert torch.equal(out, merged_logits), f"reloaded checkpoint logits differ by {(out - merged_logits).abs().max()}"
     # float base vs the quantized base it was trained on: near, not equal (quantization error)
-    assert (merged_logits - bnb_trained["logits"]).abs().max() < 0.5
+    # (float vs quantized tiny Llama before training, measured: 0.07 for 4-bit, 0.006 for 8-bit; logits up to 0.6)
+    assert (merged_logits - bnb_trained["logits"]).abs().max() < 0.2
 
 
 @pytest.mark.slow
@@ -240,8 +246,8 @@ def test_smollm2_4bit_patch_train_gates_and_reload(smollm2_dir, tmp_path):
     out = logits(model, ids)
     assert torch.equal(out, reference), f"patched SmolLM2 4-bit logits differ by {(out - reference).abs().max().item()}"
 
-    peft_model = gp.get_gated_peft_model(
-        prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False}), gp.gate_only_config())
+    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = gp.get_gated_peft_model(model, gp.gate_only_config())
     names = check_trainable_are_the_gates(peft_model, num_layers=30)
     before = storage_snapshot(peft_model)
     train_gates(peft_model, vocab=vocab, steps=2, seq_len=16)
