@@ -29,6 +29,7 @@ from .families import (
     unregister_model_type,
 )
 from .patching import gate_config, gate_parameters, gated_model_from_config, is_patched, patch_model, unpatch_model
+from .sharding import fully_shard_gated
 from .version import __version__
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "UpstreamStructureError",
     "__version__",
     "family_for",
+    "fully_shard_gated",
     "gate_config",
     "gate_lora_config",
     "gate_only_config",

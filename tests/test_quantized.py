@@ -31,6 +31,15 @@ TRAINED_GATE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.self_attn\
                           r"(weight|bias)$")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The machine has 2 cores shared with other jobs: 1 torch thread is several times faster than 2 under load."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def eval_ids(vocab: int = VOCAB, shape=(2, 10)) -> torch.Tensor:
     return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(1234))
 

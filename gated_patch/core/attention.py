@@ -93,7 +93,7 @@ class GatedPreTrainedMixin:
 
     @classmethod
     def is_custom_code(cls) -> bool:  # as upstream: transformers initialises and converts custom code's weights otherwise
-        return next(base for base in cls.__mro__ if not issubclass(base, GatedPreTrainedMixin)).is_custom_code()
+        return cls.__mro__[cls.__mro__.index(GatedPreTrainedMixin) + 1].is_custom_code()
 
 
 def gated_subclass(base: type, mixin: type, name: str | None = None, **attributes) -> type:
@@ -105,5 +105,5 @@ def gated_subclass(base: type, mixin: type, name: str | None = None, **attribute
 
 
 def original_class(gated_class: type) -> type:
-    """The upstream class behind a ``Gated<Base>`` class."""
-    return next(base for base in gated_class.__mro__ if not issubclass(base, GatedPreTrainedMixin))
+    """The upstream class behind a ``Gated<Base>`` class (also when FSDP2 put its ``FSDPModule`` in front)."""
+    return gated_class.__mro__[gated_class.__mro__.index(GatedPreTrainedMixin) + 1]

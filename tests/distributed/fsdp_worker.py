@@ -14,7 +14,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
-from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import tiny_model  # noqa: E402
@@ -63,12 +62,7 @@ def train(model, optimizer, data: torch.Tensor, rank: int = 0, world: int = 1) -
     return losses
 
 
-def shard(model):
-    """The wrapping every FSDP2 path here uses: each decoder layer, then the root (the gates sit in the layers)."""
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return model
+shard = gated_patch.fully_shard_gated  # each decoder layer, then the root: the gates shard with their layers
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -119,10 +113,7 @@ def main(out: str) -> None:
 
     # PEFT gate-only recipes: the saved adapter holds the trained gates
     for route in GATE_ONLY_ROUTES:
-        peft_model = gated_patch.get_gated_peft_model(gated_model(), gated_patch.gate_only_config(route=route))
-        for layer in peft_model.get_base_model().model.layers:
-            fully_shard(layer)
-        fully_shard(peft_model)
+        peft_model = shard(gated_patch.get_gated_peft_model(gated_model(), gated_patch.gate_only_config(route=route)))
         results[f"peft_{route}_losses"] = train(peft_model, optimizer_for(peft_model), data, rank, world)
         state = full_state(peft_model)
         if rank == 0:
