@@ -103,13 +103,16 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) ->
         if attention is None:
             raise NotPatchedError(f"Decoder layer {index} has no `{family.attention}` module; check the registration.")
         where = f"{family.decoder_layers}[{index}].{family.attention}"
-        if any(hasattr(p, "placements") for p in attention.parameters()):
+        projection = getattr(attention, family.output_projection, None)
+        if any(hasattr(p, "placements") for p in attention.parameters()) or (  # DTensor, or a rank's part of o_proj
+                isinstance(projection, nn.Linear) and projection.weight.is_floating_point()
+                and projection.weight.shape[-1] != projection.in_features):
             raise UnsupportedModelError(
                 f"Cannot gate {where}: its weights are already split across ranks (DTensor: tensor parallelism or FSDP). "
                 "Patch the model before sharding it, or patch and save it in one process and load the gated checkpoint "
                 "with tp_plan='auto' (transformers then shards the gates with the heads).")
         check_attention_structure(attention, family, where, getattr(text_config, "num_attention_heads", None))
-        num_heads = getattr(attention, family.output_projection).in_features // attention.head_dim
+        num_heads = projection.in_features // attention.head_dim
         shape = gate_shape(gate, text_config.hidden_size, num_heads, attention.head_dim)
         if shape != expected[f"{family.decoder_layers}.{index}.{family.attention}.{GATE_MODULE_NAME}.weight"]:
             raise UnsupportedModelError(f"Cannot gate {where} of {type(model).__name__}: its attention gives gate shape "

@@ -360,3 +360,31 @@ def test_plain_adapter_into_plain_peft_model_on_unpatched_base(tmp_path):
     assert set(loaded.peft_config) == {"default", "other"} and not gated_patch.is_patched(loaded.get_base_model())
     loaded.set_adapter("other")
     torch.testing.assert_close(logits(loaded), logits(source), rtol=0, atol=0)
+
+
+def test_a_reused_peft_config_records_each_models_own_gate(tmp_path):
+    config = gate_only_config()  # one config object for two models, as a training script may do
+    for name, gate in (("sigmoid", GateConfig()), ("silu", GateConfig(activation="silu"))):
+        from peft import get_peft_model
+
+        get_peft_model(patched(gate), config).save_pretrained(tmp_path / name)
+        assert read_record(tmp_path / name)["gate_config"]["activation"] == gate.activation
+    assert type(config).__name__ == "LNTuningConfig"  # the caller's object is left as it was
+
+
+def test_bound_configs_pickle_and_copy_as_plain_peft_configs(tmp_path):
+    import copy
+    import pickle
+
+    peft_model = get_gated_peft_model(patched(), gate_only_config())
+    bound = peft_model.peft_config["default"]
+    for clone in (copy.deepcopy(bound), pickle.loads(pickle.dumps(bound))):
+        assert type(clone).__name__ == "LNTuningConfig" and clone.to_dict() == bound.to_dict()
+    torch.save(peft_model, tmp_path / "model.pt")  # the whole PEFT model still pickles
+
+
+def test_an_added_adapter_gets_its_record(tmp_path):
+    peft_model = get_gated_peft_model(patched(), gate_only_config())
+    peft_model.add_adapter("extra", gate_only_config())
+    peft_model.save_pretrained(tmp_path)
+    assert read_record(tmp_path)["gate_tensors"] == read_record(tmp_path / "extra")["gate_tensors"] == "full"

@@ -66,6 +66,12 @@ def test_training_equals_one_process(fsdp, mode):
         assert any(".attn_gate." in name for name in moved) and any("mlp" in name for name in moved)
 
 
+def test_the_gate_fingerprint_of_a_sharded_model_is_the_unsharded_one(fsdp):
+    from gated_patch.adapters.record import base_gate_tensors, fingerprint
+
+    assert fsdp[1]["sharded_gate_fingerprint"] == fingerprint(base_gate_tensors(worker.gated_model()))
+
+
 def test_sharded_checkpoint_resumes_exactly(fsdp):
     resumed, uninterrupted = fsdp[1]["resumed"], fsdp[1]["uninterrupted"]
     assert sorted(resumed) == sorted(uninterrupted)
@@ -94,7 +100,8 @@ def test_full_state_dict_is_a_gated_checkpoint(fsdp, tmp_path):
 def test_gate_adapter_saved_under_fsdp_holds_the_trained_gates(fsdp, route):
     directory = fsdp[0] / f"adapter_{route}"
     peft_model = gated_patch.get_gated_peft_model(worker.gated_model(), gated_patch.gate_only_config(route=route))
-    worker.train(peft_model, worker.optimizer_for(peft_model), worker.batches())
+    losses = worker.train(peft_model, worker.optimizer_for(peft_model), worker.batches())
+    assert fsdp[1][f"peft_{route}_losses"] == pytest.approx(losses, rel=1e-5)
     trained = {name: p.detach() for name, p in peft_model.named_parameters() if p.requires_grad}
     saved = load_file(directory / "adapter_model.safetensors")
     assert len(saved) == len(trained) and all(".attn_gate." in name for name in saved)

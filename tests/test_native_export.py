@@ -43,13 +43,15 @@ def export(model, tmp_path, **kwargs):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_the_export_is_a_plain_qwen3_5_with_the_gated_logits_bit_for_bit(name, tmp_path):
+def test_the_export_is_a_plain_qwen3_5_with_the_gated_logits(name, tmp_path):
     model = gated_qwen3(CONFIGS[name])
     native = AutoModelForCausalLM.from_pretrained(export(model, tmp_path), attn_implementation="eager").eval()
     assert type(native).__name__ == "Qwen3_5ForCausalLM" and not gp.is_patched(native)
     ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(native(ids).logits, model(ids).logits)
+        # bit for bit on some CPUs; a wider q_proj (headwise gates repeated per head dimension) can make BLAS sum in
+        # another order (AMD EPYC: up to 3e-7)
+        torch.testing.assert_close(native(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
         ungated = gp.unpatch_model(gated_qwen3(CONFIGS[name]))(ids).logits
         assert not torch.allclose(ungated, model(ids).logits, atol=1e-3)  # the gates act, so equality means something
         kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)

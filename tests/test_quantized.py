@@ -12,7 +12,7 @@ import re
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import randomize_gates, tiny_model
 from peft import PeftModel, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -276,7 +276,6 @@ def test_smollm2_4bit_patch_train_gates_and_reload(smollm2_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------------------- torchao
 def torchao_int8_model():
     """conftest's tiny Llama with every linear quantized by torchao (int8 weight-only, CPU)."""
-    pytest.importorskip("torchao", reason="torchao is not installed (not in the test extras)")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     model = tiny_model("llama")
@@ -307,3 +306,24 @@ def test_torchao_int8_base_patches_exactly_and_trains_only_the_gates(tmp_path):
     out = logits(reloaded, ids)
     assert not torch.equal(trained, reference)
     assert torch.equal(out, trained), f"reloaded torchao adapter logits differ by {(out - trained).abs().max().item()}"
+
+
+def test_quantizing_the_gates_too_is_refused_with_the_fix(tmp_path):
+    """torchao's quantize_ after patch_model also quantizes the gates (nn.Linear): PEFT's gate recipes refuse them."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = gp.patch_model(tiny_model("llama"))
+    quantize_(model, Int8WeightOnlyConfig())
+    with pytest.raises(gp.GatedAdapterError, match=r"attn_gate\.weight is a Int8Tensor.*before patch_model.*filter_fn"):
+        gp.get_gated_peft_model(model, gp.gate_only_config())
+
+
+def test_bnb_4bit_load_of_a_gated_checkpoint_keeps_float_gates(tmp_path):
+    model = gp.patch_model(tiny_model("llama"), gp.GateConfig(granularity="headwise"))
+    randomize_gates(model)
+    model.save_pretrained(tmp_path / "gated")
+    loaded = load_base(tmp_path / "gated", "4bit")
+    check_quantized(loaded, "4bit")
+    gate = loaded.model.layers[0].self_attn.attn_gate
+    assert type(gate) is AttentionGateLinear and gate.weight.dtype == torch.float32
+    assert torch.equal(gate.weight, model.model.layers[0].self_attn.attn_gate.weight)

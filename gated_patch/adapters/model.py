@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import shutil
@@ -85,7 +86,7 @@ def _record(base: nn.Module, config: PeftConfig, adapter_name: str) -> dict[str,
         "gate_config": gate_config(base).to_dict(),
         "gate_modules": gate_module_names(base),
         "gate_tensors": _gate_storage(base, adapter_name),
-        "base_gate_sha256": bound[2] if bound else fingerprint(base_gate_tensors(base)),
+        "base_gate_sha256": (bound and bound[2]) or fingerprint(base_gate_tensors(base)),
         "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
         "gated_patch_version": _package_version_or_none("gated_patch"),
         "peft_version": _package_version_or_none("peft"),
@@ -105,27 +106,43 @@ _BOUND = "_gated_patch_base"  # PEFT config __dict__ key: (weakref to the gated 
 class GatedPeftConfigMixin:
     """In front of a PEFT config class once PEFT attaches the config to a gated model: its ``save_pretrained``
     (which every ``PeftModel.save_pretrained`` calls last, on the main process) also writes the gate record, so an
-    adapter saved by any trainer (TRL's ``SFTTrainer`` calls ``get_peft_model`` itself) carries it."""
+    adapter saved by any trainer (TRL's ``SFTTrainer`` calls ``get_peft_model`` itself) carries it. Pickled or
+    deep-copied, it is the plain PEFT config again."""
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
-        model_ref, adapter_name, _ = self.__dict__[_BOUND]
+        model_ref, adapter_name, _ = self.__dict__.get(_BOUND, (lambda: None, None, None))
         base = model_ref()
         if base is not None and is_patched(base):
             write_record(save_directory, _record(base, self, adapter_name))
 
+    def __reduce_ex__(self, protocol):
+        plain_class = type(self).__mro__[type(self).__mro__.index(GatedPeftConfigMixin) + 1]
+        return _plain_config, (plain_class, {key: value for key, value in self.__dict__.items() if key != _BOUND})
+
+
+def _plain_config(config_class: type, state: dict) -> PeftConfig:
+    config = config_class.__new__(config_class)
+    config.__dict__.update(state)
+    return config
+
 
 def bind_gate_records(model: nn.Module, configs: dict[str, PeftConfig]) -> None:
-    """`PEFT_CONFIG_HOOKS` entry: bind each adapter config to the gated model, fingerprinting the base gates now, while
-    every rank runs PEFT's wrapping (the fingerprint gathers sharded gates; saving runs on the main process only)."""
-    if not is_patched(model):
+    """`PEFT_CONFIG_HOOKS` entry: bind each adapter config of a gated model to it (a copy: the caller may reuse its
+    config for another model). The base gates are fingerprinted now, while every rank runs PEFT's wrapping: sharded
+    gates must be gathered (a collective) and saving runs on the main process only, after FSDP may have sharded them.
+    Gates on the meta device are fingerprinted when saving."""
+    unbound = [name for name, config in configs.items() if config.__dict__.get(_BOUND, (lambda: None,))[0]() is not model]
+    if not unbound or not is_patched(model):
         return
-    sha = None
-    for adapter_name, config in configs.items():
-        if _BOUND not in config.__dict__:
-            sha = sha or fingerprint(base_gate_tensors(model))
-            config.__class__ = gated_subclass(type(config), GatedPeftConfigMixin)
-            config.__dict__[_BOUND] = (weakref.ref(model), adapter_name, sha)
+    gates = base_gate_tensors(model)
+    sha = None if any(tensor.is_meta for tensor in gates.values()) else fingerprint(gates)  # meta: when saving
+    for adapter_name in unbound:
+        config = configs[adapter_name]
+        bound = config if isinstance(config, GatedPeftConfigMixin) else copy.copy(config)
+        bound.__class__ = gated_subclass(type(config), GatedPeftConfigMixin) if bound is not config else type(config)
+        bound.__dict__[_BOUND] = (weakref.ref(model), adapter_name, sha)
+        configs[adapter_name] = bound
 
 
 PEFT_CONFIG_HOOKS.append(bind_gate_records)
@@ -149,28 +166,31 @@ def _publish(staging: Path, target: Path) -> None:
 
 
 class GatedPeftModelMixin:
-    """Put in front of a PEFT model class: `save_pretrained` also writes the gate record, `load_adapter` checks that
-    a gate adapter fits the base and that no tensor was dropped."""
+    """Put in front of a PEFT model class: `save_pretrained` writes atomically, every adapter gets its gate record
+    (also those added later), `load_adapter` checks that a gate adapter fits the base and that no tensor was dropped."""
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         bound = inspect.signature(PeftModel.save_pretrained).bind(self, save_directory, *args, **kwargs)
         bound.apply_defaults()
         if not bound.arguments.get("is_main_process", True):
             return super().save_pretrained(save_directory, *args, **kwargs)
-        selected = bound.arguments.get("selected_adapters") or list(self.peft_config)
-        records = {name: adapter_record(self, name) for name in selected}
+        bind_gate_records(self.get_base_model(), self.peft_config)  # each config's save_pretrained writes its record
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         with staging_directory(target) as staging:
             super().save_pretrained(str(staging), *args, **kwargs)
-            for name, record in records.items():
-                write_record(staging if name == "default" else staging / name, record)
             _publish(staging, target)
+
+    def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
+        result = super().add_adapter(adapter_name, peft_config, *args, **kwargs)
+        bind_gate_records(self.get_base_model(), self.peft_config)  # PEFT only adds it to its dict: bind it on every rank
+        return result
 
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
         directory = _local_adapter_dir(model_id, kwargs.get("revision"))
         _check_base_fits(self.get_base_model(), directory, str(model_id), patch_base=False, wrapped=True)
         result = super().load_adapter(str(directory), adapter_name, *args, **kwargs)
+        bind_gate_records(self.get_base_model(), self.peft_config)
         verify_adapter_loaded(self, directory, adapter_name)
         return result
 

@@ -60,7 +60,14 @@ def base_gate_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for slot in gate_module_names(model):
         gate = original_gate(model.get_submodule(slot))
         for pname, param in gate.named_parameters(recurse=False):
-            tensors[f"{slot}.{pname}"] = param.detach()
+            tensor = param.detach()
+            if type(tensor) is not torch.Tensor and not hasattr(tensor, "full_tensor"):  # neither plain nor a DTensor
+                raise GatedAdapterError(
+                    f"Gate tensor {slot}.{pname} is a {type(tensor).__name__}, not a float tensor: the gates were quantized. "
+                    "Quantize the model before patch_model (the gates stay float), or keep the gates out of the "
+                    "quantization, e.g. torchao's quantize_(model, config, filter_fn=lambda m, fqn: "
+                    "isinstance(m, torch.nn.Linear) and not fqn.endswith('attn_gate')).")
+            tensors[f"{slot}.{pname}"] = tensor
     return tensors
 
 

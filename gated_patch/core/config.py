@@ -41,8 +41,7 @@ class GateConfig:
         if layers is not None and (isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) < len(layers)):
             raise GateConfigError(f"GateConfig.layers must be None (every layer) or a list of layer indices >= 0, no duplicates; got {layers!r}.")
-        if layers is not None:
-            object.__setattr__(self, "layers", tuple(sorted(layers)))
+        object.__setattr__(self, "layers", None if layers is None else tuple(sorted(layers)))
         # Derived (not fields): offset 1 for identity SiLU (silu(0) = 0), scale 1 / activation(offset) for identity.
         z = 1.0 if self.init == "identity" and self.activation == "silu" else 0.0
         sigmoid = 1.0 / (1.0 + math.exp(-z))

@@ -11,7 +11,8 @@ from .errors import GatedCheckpointError
 
 def add_gate_tp_plan(model: nn.Module, gate: GateConfig, modules: dict[str, str]) -> None:
     """Give the gates transformers' ``colwise`` entry in ``model.tp_plan`` (the query heads' style) where the plan splits
-    the output projection by heads (``rowwise``); a gate computed from the attention output gets none (see below)."""
+    the output projection by heads (``rowwise``); a gate computed from the attention output gets none, and
+    `check_gate_sharding` refuses it when the heads are split."""
     plan, attention = model.tp_plan or {}, f"{modules['decoder_layers']}.*.{modules['attention']}"
     if plan.get(f"{attention}.{modules['output_projection']}") == "rowwise" and gate.gate_input == "hidden_states":
         model.tp_plan = {**plan, f"{attention}.{GATE_MODULE_NAME}": "colwise"}
@@ -24,12 +25,14 @@ def remove_gate_tp_plan(model: nn.Module) -> None:
 
 
 def check_gate_sharding(model: nn.Module) -> None:
-    """Refuse a model whose gates are not split across ranks (tensor parallelism) as their output projections' inputs."""
+    """Refuse a model whose gates are not split across ranks (tensor parallelism) as their heads are: compared by
+    DTensor placements, and by shape where transformers keeps only this rank's part of each (float) weight."""
     for name, attention in model.named_modules():
         if is_gated_attention(attention):
-            split = getattr(getattr(attention, attention.gate_projection_name).weight, "placements", ())
-            gate = getattr(getattr(attention, GATE_MODULE_NAME).weight, "placements", ())
-            if len(gate) != len(split) or not all(g.is_shard(0) if s.is_shard(1) else g == s for s, g in zip(split, gate)):
-                raise GatedCheckpointError(f"{name}: gate split across ranks as {list(gate) or 'not'}, its heads as {list(split)}. "
-                                           "Tensor parallelism shards gates on the hidden states (gate_input='hidden_states') "
-                                           "where tp_plan splits o_proj 'rowwise'; load without tp_plan / tp_size.")
+            weight, gate = getattr(attention, attention.gate_projection_name).weight, getattr(attention, GATE_MODULE_NAME).weight
+            rows = weight.shape[-1] // (1 if attention.gate_config.granularity == "elementwise" else attention.head_dim)
+            heads_split, gate_split = getattr(weight, "placements", ()), getattr(gate, "placements", ())
+            if (weight.is_floating_point() and gate.shape[0] != rows) or len(gate_split) != len(heads_split) or not all(
+                    g.is_shard(0) if h.is_shard(1) else g == h for h, g in zip(heads_split, gate_split)):
+                raise GatedCheckpointError(f"{name}: gate not split across ranks as its heads are. Tensor parallelism splits "
+                                           "gate_input='hidden_states' gates if tp_plan has o_proj 'rowwise'; load without tp_plan")

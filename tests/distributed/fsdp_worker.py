@@ -21,6 +21,7 @@ from conftest import tiny_model  # noqa: E402
 import gated_patch  # noqa: E402
 from gated_patch import GateConfig  # noqa: E402
 from gated_patch.adapters import GATE_ONLY_ROUTES  # noqa: E402
+from gated_patch.adapters.record import base_gate_tensors, fingerprint  # noqa: E402
 
 STEPS, GLOBAL_BATCH, SEQ = 4, 4, 16
 GATE = GateConfig(granularity="headwise", init="paper")
@@ -125,6 +126,9 @@ def main(out: str) -> None:
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         results[f"grads_checkpointing_{checkpointing}"] = gradients(shard(model), data, rank, world)
+
+    # the gate fingerprint of a sharded model (what a PEFT wrap of it records) gathers the shards: every rank
+    results["sharded_gate_fingerprint"] = fingerprint(base_gate_tensors(shard(gated_model())))
 
     if rank == 0:
         torch.save(results, out / "results.pt")

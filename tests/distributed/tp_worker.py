@@ -37,7 +37,7 @@ def run(case, route, plugin):
         if plugin and case.get("patch_sharded"):
             import gated_patch
             try:
-                gated_patch.patch_model(AutoModelForCausalLM.from_pretrained(case["patch_sharded"], tp_plan="auto"))
+                gated_patch.patch_model(load(case["patch_sharded"], route, plugin))
                 result["patch_sharded"] = "patched"
             except Exception as exc:  # noqa: BLE001 - the refusal is what is tested
                 result["patch_sharded"] = f"{type(exc).__name__}: {exc}"
