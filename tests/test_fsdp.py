@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, torchrun
 from safetensors.torch import load_file
 from test_checkpoints_remote import BLOCK_GATED_PATCH, _run
-from test_tensor_parallel import torchrun
 from transformers import AutoModelForCausalLM
 
 import gated_patch

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 from safetensors.torch import load_file
-from test_tensor_parallel import torchrun
 from transformers import AutoModelForCausalLM
 
 import gated_patch

@@ -4,13 +4,11 @@ one-process logits and tokens, with and without the plugin; what cannot be split
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_gates, tiny_model
+from conftest import randomize_gates, tiny_model, torchrun
 from safetensors.torch import load_file
 
 import gated_patch
@@ -27,12 +25,6 @@ CASES = {  # name: (family, gate config or None for an ungated checkpoint)
     "attn_output": ("llama", GateConfig(gate_input="attn_output")),
 }
 REFUSED = {"attn_output"}
-
-
-def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2`` with this interpreter (gloo on CPU)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent)
 
 
 @pytest.fixture(scope="module")

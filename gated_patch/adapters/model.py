@@ -111,14 +111,19 @@ class GatedPeftConfigMixin:
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
-        model_ref, adapter_name, _ = self.__dict__.get(_BOUND, (lambda: None, None, None))
-        base = model_ref()
+        base = _bound_model(self)
         if base is not None and is_patched(base):
-            write_record(save_directory, _record(base, self, adapter_name))
+            write_record(save_directory, _record(base, self, self.__dict__[_BOUND][1]))
 
     def __reduce_ex__(self, protocol):
         plain_class = type(self).__mro__[type(self).__mro__.index(GatedPeftConfigMixin) + 1]
         return _plain_config, (plain_class, {key: value for key, value in self.__dict__.items() if key != _BOUND})
+
+
+def _bound_model(config: PeftConfig) -> Optional[nn.Module]:
+    """The gated model a PEFT config is bound to (None if unbound, or if the model is gone)."""
+    binding = config.__dict__.get(_BOUND)
+    return binding[0]() if binding else None
 
 
 def _plain_config(config_class: type, state: dict) -> PeftConfig:
@@ -132,7 +137,7 @@ def bind_gate_records(model: nn.Module, configs: dict[str, PeftConfig]) -> None:
     config for another model). The base gates are fingerprinted now, while every rank runs PEFT's wrapping: sharded
     gates must be gathered (a collective) and saving runs on the main process only, after FSDP may have sharded them.
     Gates on the meta device are fingerprinted when saving."""
-    unbound = [name for name, config in configs.items() if config.__dict__.get(_BOUND, (lambda: None,))[0]() is not model]
+    unbound = [name for name, config in configs.items() if _bound_model(config) is not model]
     if not unbound or not is_patched(model):
         return
     gates = base_gate_tensors(model)
