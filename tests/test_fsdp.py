@@ -48,7 +48,11 @@ def assert_states_close(sharded: dict, model) -> None:
     reference = model.state_dict()
     assert sorted(sharded) == sorted(reference)
     for name, tensor in reference.items():
-        torch.testing.assert_close(sharded[name], tensor, **TOLERANCE, msg=lambda m, n=name: f"{n}: {m}")
+        # A key bias shifts every score of a query equally, so softmax gives it a zero gradient in exact arithmetic;
+        # what autograd computes is rounding noise, which Adam (dividing by sqrt(v) + eps) turns into updates of
+        # up to ~0.1 lr that depend on the summation order. Observed: 1.1e-5 apart after 4 steps of lr 1e-2.
+        tolerance = dict(atol=1e-4, rtol=0) if name.endswith("k_proj.bias") else TOLERANCE
+        torch.testing.assert_close(sharded[name], tensor, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["full", "gates"])
