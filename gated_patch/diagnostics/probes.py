@@ -90,22 +90,19 @@ def eager_attention(model: nn.Module) -> Iterator[str]:
         model.set_attn_implementation(previous)
 
 
-class MetricProbes:
-    """Installs the hooks on entry, removes them on exit; `accumulators[i]` holds layer i's running sums."""
+class HookSet:
+    """A context manager: `install` registers hooks (appending their handles to `_handles`) on entry; every handle
+    is removed on exit, and at once if installing fails half-way."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.layers = list(decoder_layers(model))
-        self.accumulators = [LayerAccumulator() for _ in self.layers]
+    def __init__(self) -> None:
         self._handles: list = []
 
-    def __enter__(self) -> "MetricProbes":
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
         try:
-            for index, layer in enumerate(self.layers):
-                attention = attention_module(self.model, layer)
-                self._handles.append(attention.register_forward_hook(self._attention_hook(index)))
-                self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
-                self._install_output_hooks(index, attention)
+            self.install()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -115,6 +112,23 @@ class MetricProbes:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class MetricProbes(HookSet):
+    """Installs the hooks on entry, removes them on exit; `accumulators[i]` holds layer i's running sums."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = list(decoder_layers(model))
+        self.accumulators = [LayerAccumulator() for _ in self.layers]
+
+    def install(self) -> None:
+        for index, layer in enumerate(self.layers):
+            attention = attention_module(self.model, layer)
+            self._handles.append(attention.register_forward_hook(self._attention_hook(index)))
+            self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
+            self._install_output_hooks(index, attention)
 
     def _install_output_hooks(self, index: int, attention: nn.Module) -> None:
         gated = is_gated_attention(attention)
