@@ -19,6 +19,7 @@ from .model import (
     load_gated_adapter,
     verify_adapter_loaded,
 )
+from .optim import gate_param_groups
 from .record import SIDECAR_NAME, GatedAdapterError, read_record
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "check_gates_reproducible",
     "gate_lora_config",
     "gate_only_config",
+    "gate_param_groups",
     "gate_storage",
     "gates_and_lora_config",
     "gates_reproducible",
