@@ -47,6 +47,19 @@ def tiny_model(model_type: str = "llama", *, seed: int = 0, attn_implementation:
     return model.eval()
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """The module of ``examples/<name>.py`` (examples are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2`` with this interpreter (gloo on CPU)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]

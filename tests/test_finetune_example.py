@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_example
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -26,10 +26,7 @@ HEAD_DIM = HIDDEN // HEADS
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("finetune_gates_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("finetune_gates")
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pretrain_tiny.py"
+from conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def pretrain_tiny():
-    spec = importlib.util.spec_from_file_location("pretrain_tiny", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("pretrain_tiny")
 
 
 def test_variants_share_every_non_gate_initial_weight(pretrain_tiny):
