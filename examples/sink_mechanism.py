@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 
 import gated_patch
 from gated_patch.checkpoints.files import atomic_write, read_json
-from gated_patch.diagnostics import BigramBackcopy, inspect_model, query_group_stats, streaming_losses, write_json
+from gated_patch.diagnostics import (
+    BigramBackcopy,
+    environment,
+    inspect_model,
+    query_group_stats,
+    streaming_losses,
+    write_json,
+)
 
 VARIANTS = {
     "baseline": None,
@@ -326,7 +333,7 @@ def main(argv=None) -> int:
     settings.update(
         command=" ".join(["python", "examples/sink_mechanism.py", *(sys.argv[1:] if argv is None else argv)]),
         total_seconds=time.time() - started, uniform_first_token_share=runs[0]["uniform_first_token_share"],
-        optimiser={name: {**SETTINGS[name], "betas": BETAS} for name in args.settings},
+        optimiser={name: {**SETTINGS[name], "betas": BETAS} for name in args.settings}, environment=environment(),
         parameters=sum(p.numel() for p in build_model(model_config(BigramBackcopy.from_text(), args), "baseline", 0).parameters()),
     )
     data = {"settings": settings, "runs": runs}

@@ -74,10 +74,19 @@ def test_ungated_model_and_empty_group():
     assert all(0 < v < 1 for v in stats["all"].first_token_share)
 
 
-def test_a_peft_model_is_measured_through_its_base(setting):
+def test_a_peft_model_is_measured_with_its_trained_gates(setting):
+    """Stats of a PEFT model follow the adapter's trained gate copies, not the frozen gates beneath them."""
     model, ids, mask = setting
-    expected = query_group_stats(model, ids, {"in": mask})["in"]
     peft_model = gated_patch.get_gated_peft_model(copy.deepcopy(model), gated_patch.gate_only_config())
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.7)
+                reference.get_parameter(name.replace("base_model.model.", "").replace("ln_tuning_layers.default.", "")).add_(0.7)
     measured = query_group_stats(peft_model, ids, {"in": mask})["in"]
-    assert measured.first_token_share == pytest.approx(expected.first_token_share, abs=1e-6)
+    expected = query_group_stats(reference, ids, {"in": mask})["in"]
+    unchanged = query_group_stats(model, ids, {"in": mask})["in"]
     assert measured.gate_mean == pytest.approx(expected.gate_mean, abs=1e-6)
+    assert measured.gate_mean != pytest.approx(unchanged.gate_mean, abs=1e-3)
+    assert measured.first_token_share == pytest.approx(expected.first_token_share, abs=1e-6)

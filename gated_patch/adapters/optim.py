@@ -1,8 +1,8 @@
 """Optimizer parameter groups that give the attention gates their own learning rate and weight decay.
 
-Retrofitted gates start at identity and, at the model's learning rate, barely move (the paper, App. A.7); a larger
-gate learning rate without weight decay (which would pull the gate weights, not the scores, towards zero) is the
-usual remedy. The groups work with any torch optimizer, the transformers `Trainer` and PEFT models::
+Retrofitted gates start at identity; a learning rate of their own, larger than the model's, and no weight decay
+(which would pull the gate weights, not the scores, towards zero) let them move further. The groups work with any
+torch optimizer, the transformers `Trainer` and PEFT models::
 
     groups = gate_param_groups(model, lr=1e-4, gate_lr=3e-3, weight_decay=0.1)
     optimizer = torch.optim.AdamW(groups)
@@ -22,7 +22,9 @@ def gate_param_groups(model: nn.Module, *, lr: float, gate_lr: float, weight_dec
                       gate_weight_decay: float = 0.0) -> list[dict]:
     """Two optimizer groups over `model`'s trainable parameters: the gates' (`gate_lr`, `gate_weight_decay`) and
     everything else (`lr`, `weight_decay`). The second group is left out when only gates train (a gate-only PEFT
-    model). Every trainable parameter is in exactly one group; frozen ones are in none."""
+    model). Every trainable parameter is in exactly one group; frozen ones are in none. Unlike Trainer's default
+    optimizer, `weight_decay` applies to every non-gate parameter, biases and norm weights included: split that
+    group further if your recipe exempts them."""
     gate_names = set(gate_parameter_names(model))  # PEFT's copies and adapters of a gate count as the gate's
     gates, others = [], []
     for name, parameter in model.named_parameters():

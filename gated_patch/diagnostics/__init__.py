@@ -26,7 +26,7 @@ from .positions import QueryGroupStats, query_group_stats
 from .probes import GATE_THRESHOLDS, eager_attention
 from .streaming import streaming_losses, token_losses, window_attention_mask
 from .tasks import BOS_TOKEN_ID, BigramBackcopy, TaskBatch, reference_prose
-from .report import format_layer_table, format_summary_table, plot_inspections, write_json
+from .report import environment, format_layer_table, format_summary_table, plot_inspections, write_json
 
 __all__ = [
     "BOS_TOKEN_ID",
@@ -41,6 +41,7 @@ __all__ = [
     "TaskBatch",
     "default_text",
     "eager_attention",
+    "environment",
     "format_layer_table",
     "format_summary_table",
     "inspect_model",

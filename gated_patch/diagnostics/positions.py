@@ -68,6 +68,7 @@ class _PositionProbes(HookSet):
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    mask = mask.to(values.device)  # a model split over devices keeps each layer's tensors on its own device
     return float(values[mask].mean()) if mask.any() else float("nan")
 
 
@@ -103,7 +104,6 @@ def query_group_stats(model: nn.Module, input_ids: torch.Tensor,
     for name, mask in groups.items():
         selected = mask.clone()
         selected[:, 0] = False
-        selected = selected.to(device)
         count = int(selected.sum())
         share = [_masked_mean(probes.first_token[i], selected) for i in layers]
         gate = None

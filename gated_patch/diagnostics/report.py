@@ -60,6 +60,25 @@ def format_summary_table(results: Sequence[Inspection], extra: Optional[dict[str
     return "\n".join(lines)
 
 
+def environment() -> dict:
+    """What a result depends on besides its settings: the CPU, its cores, torch threads and the versions of Python
+    (whose `pydoc_data` is the default text), torch and transformers. Stored beside results so tables can name them."""
+    import os
+    import platform
+
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def write_json(path, data) -> Path:
     return files.write_json(path, data, sort_keys=False)
 

@@ -7,8 +7,8 @@ If gated attention removes the sink, a gated model should lose far less when pos
 Here query q sees keys ``max(0, q - window + 1) .. q``, plus keys ``0 .. sink_tokens - 1``; this is a KV cache of
 `window` tokens (and the sinks) with every token at its original position. Rotary attention depends only on the
 distance between query and key, so without sinks this equals a rolling cache that renumbers its positions.
-Losses are compared on the same targets: those whose query is at position >= `window`, where the cache has
-evicted something. Example::
+Losses are compared on the same targets: those whose query is at position >= `window` (targets at >= window + 1),
+where the cache has evicted something. Example::
 
     result = streaming_losses(model, input_ids, window=64, sink_tokens=(1, 4))
     result["window"] - result["full"]      # the cost of evicting everything older than 64 tokens
@@ -41,10 +41,16 @@ def window_attention_mask(seq_len: int, window: int, sink_tokens: int = 0, *, dt
 
 @torch.no_grad()
 def token_losses(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor = None) -> torch.Tensor:
-    """Next-token cross-entropy at every query position but the last: ``[batch, seq - 1]``."""
+    """Next-token cross-entropy at every query position but the last: ``[batch, seq - 1]``, in the model's current
+    mode. `attention_mask`, if given, is an additive ``[1 or batch, 1, seq, seq]`` mask (`window_attention_mask`)."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     if attention_mask is not None:
+        if attention_mask.dim() != 4:
+            raise ValueError(
+                f"attention_mask must be a 4D additive mask [1 or batch, 1, seq, seq] (got {attention_mask.dim()}D); "
+                "build one with window_attention_mask(seq_len, window, sink_tokens)."
+            )
         attention_mask = attention_mask.to(device).expand(input_ids.shape[0], -1, -1, -1)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
@@ -63,6 +69,19 @@ def streaming_losses(model: nn.Module, input_ids: torch.Tensor, window: int,
             f"position 0; got shape {tuple(input_ids.shape)}."
         )
     seq_len = input_ids.shape[1]
+    config = model.config
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(
+            f"streaming_losses needs eager or sdpa attention, which apply a 4D mask as given; the model runs "
+            f"{implementation!r}. Call model.set_attn_implementation('sdpa') first."
+        )
+    sliding = getattr(config, "sliding_window", None)
+    if sliding and seq_len > sliding:
+        raise ValueError(
+            f"The model has its own sliding window of {sliding} tokens, which the window mask would replace; pass "
+            f"sequences of at most {sliding} tokens (got {seq_len})."
+        )
     dtype = next(model.parameters()).dtype
     settings = {"full": None, "window": window_attention_mask(seq_len, window, dtype=dtype)}
     settings.update({f"window+{n}": window_attention_mask(seq_len, window, n, dtype=dtype) for n in sink_tokens})

@@ -37,7 +37,7 @@ class TaskBatch:
     trigger_mask: torch.Tensor  # [batch, seq_len] bool: the token there is a trigger (the next one is a copy)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BigramBackcopy:
     """The task's alphabet, bigram transitions and triggers. Token 0 is BOS; token i >= 1 is ``alphabet[i - 1]``."""
 
