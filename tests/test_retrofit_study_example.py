@@ -63,6 +63,9 @@ def test_the_gate_learning_rate_moves_the_gates(study):
         slow, fast = rows[(mode, 1.0)], rows[(mode, 30.0)]
         assert 0 < slow["gate_weight_rms"] < fast["gate_weight_rms"]
         assert slow["gate_distance"] < fast["gate_distance"]
+        for row in (slow, fast):  # the mean of |1 - g| is at least |1 - mean g| (every layer has as many scores)
+            assert row["gate_distance"] >= abs(1.0 - row["gate_mean"]) - 1e-12
+            assert row["train_seconds_per_step"] > 0
     assert rows[("gates", 1.0)]["train_losses"][1:] != rows[("gates+full", 1.0)]["train_losses"][1:]  # modes differ
 
 
