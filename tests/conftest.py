@@ -60,6 +60,15 @@ def load_example(name: str):
     return module
 
 
+def run_example(name: str, argv: list[str]) -> int:
+    """``examples/<name>.py``'s ``main(argv)`` in this process, with torch's thread count restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return load_example(name).main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2`` with this interpreter (gloo on CPU)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]

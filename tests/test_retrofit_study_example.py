@@ -7,12 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import load_example
+from conftest import run_example
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-def example():
-    return load_example("retrofit_study")
-
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, smollm2_dir):
@@ -25,15 +21,11 @@ def study(tmp_path_factory, smollm2_dir):
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path_factory.mktemp("retrofit")
-    threads = torch.get_num_threads()
-    try:
-        assert example().main([
-            "--model", str(model_dir), "--steps", "3", "--multipliers", "1", "30", "--lr", "1e-3", "--batch-size", "2",
-            "--seq-len", "32", "--eval-tokens", "256", "--inspect-tokens", "128", "--inspect-window", "64",
-            "--stream-window", "16", "--stream-seq-len", "64", "--output-dir", str(out),
-        ]) == 0  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    assert run_example("retrofit_study", [
+        "--model", str(model_dir), "--steps", "3", "--multipliers", "1", "30", "--lr", "1e-3", "--batch-size", "2",
+        "--seq-len", "32", "--eval-tokens", "256", "--inspect-tokens", "128", "--inspect-window", "64",
+        "--stream-window", "16", "--stream-seq-len", "64", "--output-dir", str(out),
+    ]) == 0  # fmt: skip
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -75,5 +67,5 @@ def test_reports_are_written_and_rebuilt(study, tmp_path):
     assert table.startswith("| run |") and table.count("\n| ") == len(data["rows"])  # the header, then a line per row
     assert (out / "retrofit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "results.json").write_bytes((out / "results.json").read_bytes())
-    assert example().main(["--retabulate", "--output-dir", str(tmp_path)]) == 0
+    assert run_example("retrofit_study", ["--retabulate", "--output-dir", str(tmp_path)]) == 0
     assert (tmp_path / "table.md").read_text() == table

@@ -9,26 +9,17 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import EXAMPLES, load_example
+from conftest import EXAMPLES, run_example
 
 EXAMPLE = EXAMPLES / "sink_mechanism.py"
 ARGS = ["--steps", "20", "--eval-every", "10", "--batch-size", "4", "--seq-len", "32", "--hidden", "32",
         "--seeds", "0", "1", "--settings", "decay", "--eval-batch", "8", "--window", "8"]
 
 
-def example():
-    return load_example("sink_mechanism")
-
-
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("sink")
-    threads = torch.get_num_threads()
-    try:
-        assert example().main([*ARGS, "--workers", "1", "--output-dir", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_example("sink_mechanism", [*ARGS, "--workers", "1", "--output-dir", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -73,7 +64,7 @@ def test_tables_hold_the_means_over_seeds(one_process):
 def test_retabulate_rebuilds_the_same_tables(one_process, tmp_path):
     out, _ = one_process
     (tmp_path / "results.json").write_bytes((out / "results.json").read_bytes())
-    assert example().main(["--retabulate", "--output-dir", str(tmp_path)]) == 0
+    assert run_example("sink_mechanism", ["--retabulate", "--output-dir", str(tmp_path)]) == 0
     for name in ("table.md", "streaming.md"):
         assert (tmp_path / name).read_text() == (out / name).read_text()
 

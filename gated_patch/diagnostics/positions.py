@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from ..core.attention import GATE_MODULE_NAME, is_gated_attention
-from ..core.errors import UpstreamStructureError
 from ..core.gate import gate_scores
-from .probes import HookSet, attention_module, decoder_layers, eager_attention
+from .probes import HookSet, attention_module, attention_weights, decoder_layers, eager_attention
 
 
 @dataclass(frozen=True)
@@ -49,12 +48,7 @@ class _PositionProbes(HookSet):
 
     def _attention_hook(self, index: int):
         def hook(module, args, output):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                raise UpstreamStructureError(
-                    f"Attention layer {index} ({type(module).__name__}) returned no attention weights; load the model "
-                    "with attn_implementation='eager'."
-                )
+            weights = attention_weights(self.model, index, module, output)
             self.first_token[index] = weights[..., 0].float().mean(dim=1)  # [batch, heads, queries] -> [batch, queries]
 
         return hook

@@ -90,6 +90,19 @@ def eager_attention(model: nn.Module) -> Iterator[str]:
         model.set_attn_implementation(previous)
 
 
+def attention_weights(model: nn.Module, index: int, attention: nn.Module, output) -> torch.Tensor:
+    """The ``[batch, heads, queries, keys]`` weights in attention layer `index`'s output (eager attention returns
+    them), or an error that says how to get them."""
+    weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+    if weights is None:
+        raise UpstreamStructureError(
+            f"Attention layer {index} ({type(attention).__name__}) returned no attention weights although the model "
+            f"runs with {model.config._attn_implementation!r} attention; this model family's attention does not "
+            "expose its weights. Load it with attn_implementation='eager'."
+        )
+    return weights
+
+
 class HookSet:
     """A context manager: `install` registers hooks (appending their handles to `_handles`) on entry; every handle
     is removed on exit, and at once if installing fails half-way."""
@@ -146,13 +159,7 @@ class MetricProbes(HookSet):
 
     def _attention_hook(self, index: int):
         def hook(module, args, output):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                raise UpstreamStructureError(
-                    f"Attention layer {index} ({type(module).__name__}) returned no attention weights although the "
-                    f"model runs with {self.model.config._attn_implementation!r} attention; this model family's "
-                    "attention does not expose its weights. Load it with attn_implementation='eager'."
-                )
+            weights = attention_weights(self.model, index, module, output)
             queries = weights.shape[-2]
             if queries < 2:
                 return
