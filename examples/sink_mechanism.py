@@ -150,7 +150,6 @@ def train_run(job: tuple) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         interval.append(loss.item())
-    model.eval()
     inspection = inspect_model(model, held_out.input_ids.reshape(-1), window=args.seq_len, progress=False)
     streaming = streaming_losses(model, held_out.input_ids, window=args.window, sink_tokens=(1,))
     return {

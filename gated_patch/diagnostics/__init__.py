@@ -18,6 +18,7 @@ from .measure import (
     LayerStats,
     default_text,
     inspect_model,
+    reference_prose,
     token_windows,
     tokenize_for_inspection,
     uniform_first_token_share,
@@ -25,7 +26,7 @@ from .measure import (
 from .positions import QueryGroupStats, query_group_stats
 from .probes import GATE_THRESHOLDS, eager_attention
 from .streaming import streaming_losses, token_losses, window_attention_mask
-from .tasks import BOS_TOKEN_ID, BigramBackcopy, TaskBatch, reference_prose
+from .tasks import BOS_TOKEN_ID, BigramBackcopy, TaskBatch
 from .report import environment, format_layer_table, format_summary_table, plot_inspections, write_json
 
 __all__ = [

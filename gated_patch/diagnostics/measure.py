@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..core.attention import is_gated_attention
 from ..core.checkpoint import GATE_CONFIG_KEY
 from ..core.errors import UpstreamStructureError
-from .probes import GATE_THRESHOLDS, MetricProbes, attention_module, eager_attention
+from .probes import GATE_THRESHOLDS, MetricProbes, attention_module, eager_attention, eval_mode
 
 FIRST_TOKEN_NOTE = (
     "first-token share (F-Attn): attention weight on position 0 of each window, averaged over heads and over query "
@@ -26,14 +26,19 @@ UNIFORM_NOTE = (
 )
 
 
-def default_text(num_chars: int = 24_000, start_topic: str = "assert") -> str:
-    """A slice of the Python reference prose in `pydoc_data.topics` (topics in sorted order from `start_topic`)."""
+def reference_prose(start_topic: Optional[str] = None) -> str:
+    """Python's reference prose that ships with CPython (`pydoc_data.topics`): the topics in sorted order, from
+    `start_topic` on (all of them if it is None or not a topic)."""
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
     start = keys.index(start_topic) if start_topic in keys else 0
-    text = "\n\n".join(topics[key] for key in keys[start:])
-    return text[:num_chars]
+    return "\n\n".join(topics[key] for key in keys[start:])
+
+
+def default_text(num_chars: int = 24_000, start_topic: str = "assert") -> str:
+    """A slice of the Python reference prose in `pydoc_data.topics` (topics in sorted order from `start_topic`)."""
+    return reference_prose(start_topic)[:num_chars]
 
 
 @dataclass
@@ -167,18 +172,13 @@ def inspect_model(
     if not windows:
         raise ValueError(f"Need at least 2 tokens to measure attention on the first token; got {len(tokens)}.")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     batches = []
     for length in sorted({len(w) for w in windows}, reverse=True):
         same = [w for w in windows if len(w) == length]
         batches += [same[i : i + batch_size] for i in range(0, len(same), batch_size)]
-    try:
-        with eager_attention(model) as original_implementation, MetricProbes(model) as probes:
-            for batch in tqdm(batches, desc=f"inspect {label or type(model).__name__}", disable=not progress):
-                model(input_ids=torch.tensor(batch, device=device), use_cache=False)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), eager_attention(model) as original_implementation, MetricProbes(model) as probes:
+        for batch in tqdm(batches, desc=f"inspect {label or type(model).__name__}", disable=not progress):
+            model(input_ids=torch.tensor(batch, device=device), use_cache=False)
 
     layers = []
     for index, (layer, acc) in enumerate(zip(probes.layers, probes.accumulators)):

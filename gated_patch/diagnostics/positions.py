@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.attention import GATE_MODULE_NAME, is_gated_attention
 from ..core.gate import gate_scores
-from .probes import HookSet, attention_module, attention_weights, decoder_layers, eager_attention
+from .probes import HookSet, attention_module, attention_weights, decoder_layers, eager_attention, eval_mode
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,8 @@ def query_group_stats(model: nn.Module, input_ids: torch.Tensor,
                 f"{mask.dtype} of shape {tuple(mask.shape)}."
             )
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with eager_attention(model), _PositionProbes(model) as probes:
-            model(input_ids=input_ids.to(device), use_cache=False)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), eager_attention(model), _PositionProbes(model) as probes:
+        model(input_ids=input_ids.to(device), use_cache=False)
     layers = sorted(probes.first_token)
     results = {}
     for name, mask in groups.items():

@@ -90,6 +90,17 @@ def eager_attention(model: nn.Module) -> Iterator[str]:
         model.set_attn_implementation(previous)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block; its previous mode (train or eval) afterwards, even on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def attention_weights(model: nn.Module, index: int, attention: nn.Module, output) -> torch.Tensor:
     """The ``[batch, heads, queries, keys]`` weights in attention layer `index`'s output (eager attention returns
     them), or an error that says how to get them."""

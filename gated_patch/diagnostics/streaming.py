@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .probes import eval_mode
+
 
 def window_attention_mask(seq_len: int, window: int, sink_tokens: int = 0, *, dtype: torch.dtype = torch.float32,
                           device=None) -> torch.Tensor:
@@ -69,14 +71,13 @@ def streaming_losses(model: nn.Module, input_ids: torch.Tensor, window: int,
             f"position 0; got shape {tuple(input_ids.shape)}."
         )
     seq_len = input_ids.shape[1]
-    config = model.config
-    implementation = getattr(config, "_attn_implementation", None)
+    implementation = getattr(model.config, "_attn_implementation", None)
     if implementation not in ("eager", "sdpa"):
         raise ValueError(
             f"streaming_losses needs eager or sdpa attention, which apply a 4D mask as given; the model runs "
             f"{implementation!r}. Call model.set_attn_implementation('sdpa') first."
         )
-    sliding = getattr(config, "sliding_window", None)
+    sliding = getattr(model.config, "sliding_window", None)
     if sliding and seq_len > sliding:
         raise ValueError(
             f"The model has its own sliding window of {sliding} tokens, which the window mask would replace; pass "
@@ -85,9 +86,5 @@ def streaming_losses(model: nn.Module, input_ids: torch.Tensor, window: int,
     dtype = next(model.parameters()).dtype
     settings = {"full": None, "window": window_attention_mask(seq_len, window, dtype=dtype)}
     settings.update({f"window+{n}": window_attention_mask(seq_len, window, n, dtype=dtype) for n in sink_tokens})
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return {name: float(token_losses(model, input_ids, mask)[:, window:].mean()) for name, mask in settings.items()}
-    finally:
-        model.train(was_training)

@@ -20,15 +20,10 @@ from typing import Optional
 
 import torch
 
+from .measure import reference_prose
+
 
 BOS_TOKEN_ID = 0
-
-
-def reference_prose() -> str:
-    """All of Python's reference prose that ships with CPython (`pydoc_data.topics`), topics in sorted order."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
 
 
 @dataclass(frozen=True)
