@@ -24,12 +24,14 @@ class AttentionGateLinear(nn.Linear):
         self.reset_parameters()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """``F.linear``; for one token (decode) a matrix-vector product, which torch.compile fuses with the activation.
+        """``F.linear``; while torch.compile traces one token (decode), a matrix-vector product, which it fuses with the
+        activation.
 
-        A BLAS call instead costs compiled decode several percent (docs/performance.md). CPU autocast casts the inputs
-        of linear but not of mv, so under autocast it is always linear.
+        Compiled, a BLAS call instead costs decode several percent; eager, linear costs less than mv and its reshapes
+        (docs/performance.md). CPU autocast casts the inputs of linear but not of mv, so under autocast it is linear.
         """
-        if input.numel() != self.in_features or torch.is_autocast_enabled(input.device.type):
+        if not torch.compiler.is_compiling() or input.numel() != self.in_features or torch.is_autocast_enabled(
+                input.device.type):
             return super().forward(input)
         vector = input.reshape(-1)
         out = torch.mv(self.weight, vector) if self.bias is None else torch.addmv(self.bias, self.weight, vector)
