@@ -88,8 +88,6 @@ def remote_code_source() -> str:
         lines.append(f"# ---- gated_patch/core/{part}.py: {summary}")
         for node in body:
             if id(node) in kept:
-                if isinstance(node, ast.ClassDef) and len(node.body) > 1 and not lines[-1].startswith("# ----"):
-                    lines.append("")  # a blank line before each class with a body, to keep the file short
                 lines.append(_with_short_docstrings(source, node))
         if part == "versions":  # the version check runs before anything else is defined
             lines.append("check_transformers_version()  # at import: refuse a transformers this file was not made for")

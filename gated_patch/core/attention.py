@@ -5,15 +5,13 @@ hooks: the attention module's hooks hold its input (the normed hidden states) fo
 even if the forward raises), and a pre-hook on the module in the output-projection slot multiplies the gate onto that
 module's input. The slot hook follows whatever fills the slot, so a LoRA layer wrapping o_proj sees the gated input,
 exactly as in ``o_proj(Y * g)``. The attention class itself is never changed.
-
-The hooks look children up with ``nn.Module.__getattr__`` itself: ``getattr`` first searches the attention class's
-hierarchy, which costs about 1 µs per lookup, three per layer and decoded token (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import sys
 
+import torch
 from torch import nn
 
 from .config import GateConfig
@@ -27,9 +25,14 @@ def is_gated_attention(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("gate_config"), GateConfig)
 
 
+def _child(module: nn.Module, name: str) -> nn.Module:
+    """A registered child; eager without getattr's search of the class hierarchy first (1 µs), traced as dynamo expects."""
+    return getattr(module, name) if torch.compiler.is_compiling() else nn.Module.__getattr__(module, name)
+
+
 def _hold_input(attention, args, kwargs) -> None:
     """During a gated call, the module in the output-projection slot holds the block input (hooked if new there)."""
-    projection = nn.Module.__getattr__(attention, attention.gate_projection_name)
+    projection = _child(attention, attention.gate_projection_name)
     if _CONTEXT not in projection.__dict__:  # new in the slot: patching, or PEFT wrapped or unloaded the projection
         attention.__dict__[_HOOKS].append(projection.register_forward_pre_hook(_gate_projection_input))
     projection.__dict__[_CONTEXT] = (attention, args[0] if args else kwargs["hidden_states"])
@@ -45,14 +48,14 @@ def gated_output_projection(attention: nn.Module) -> nn.Module:
 
 
 def _release_input(attention, args, kwargs, output) -> None:
-    nn.Module.__getattr__(attention, attention.gate_projection_name).__dict__[_CONTEXT] = None
+    _child(attention, attention.gate_projection_name).__dict__[_CONTEXT] = None
 
 
 def _gate_projection_input(projection, args):
     context = projection.__dict__.get(_CONTEXT)  # None outside a gated call, e.g. for the base layer of a LoRA wrapper
     if context is not None:
         attention, hidden_states = context
-        gate, config = nn.Module.__getattr__(attention, GATE_MODULE_NAME), attention.gate_config
+        gate, config = _child(attention, GATE_MODULE_NAME), attention.gate_config
         heads = args[0].shape[-1] // attention.head_dim  # this rank's heads under tensor parallelism
         return (apply_gate(args[0], hidden_states, gate, config, heads), *args[1:])
 
