@@ -10,7 +10,7 @@ from torch.nn.modules import module as nn_module
 
 import gated_patch as gp
 from gated_patch.core.attention import is_gated_attention
-from gated_patch.core.gate import apply_gate
+from gated_patch.core.gate import AttentionGateLinear, apply_gate
 
 from conftest import randomize_gates, tiny_model
 
@@ -218,3 +218,24 @@ def test_an_exception_inside_the_attention_leaves_no_input_behind():
     y = torch.randn(1, 3, 64)
     torch.testing.assert_close(attention.o_proj(y), torch.nn.functional.linear(y, attention.o_proj.weight,
                                                                                attention.o_proj.bias))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_compiled_one_token_gate_is_a_matrix_vector_product_equal_to_eager(bias):
+    """Eager gates are `nn.Linear`; while torch.compile traces one token, the gate is mv/addmv with the same values."""
+    gate = AttentionGateLinear(16, 8, bias=bias, init="paper", init_std=0.5)
+    if bias:
+        torch.nn.init.normal_(gate.bias)
+    traced = []
+
+    def backend(graph_module, example_inputs):
+        traced.append({node.target for node in graph_module.graph.nodes if node.op == "call_function"})
+        return graph_module.forward
+
+    compiled = torch.compile(gate, backend=backend, fullgraph=True, dynamic=False)
+    one, many = torch.randn(1, 1, 16), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(one), gate(one))
+        torch.testing.assert_close(compiled(many), gate(many))
+    product = torch.addmv if bias else torch.mv
+    assert product in traced[0] and product not in traced[1]

@@ -26,7 +26,7 @@ def is_gated_attention(module: nn.Module) -> bool:
 
 
 def _child(module: nn.Module, name: str) -> nn.Module:
-    """A registered child; eager without getattr's search of the class hierarchy first (0.8 µs), traced as dynamo expects."""
+    """A registered child; in eager without getattr's search of the class hierarchy first; traced as dynamo expects."""
     return getattr(module, name) if torch.compiler.is_compiling() else nn.Module.__getattr__(module, name)
 
 
