@@ -11,6 +11,21 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 FAMILIES = ("llama", "qwen2", "mistral", "qwen3")
+REAL_MODEL_FIXTURES = frozenset({"smollm2_dir", "smollm2_tokenizer", "load_smollm2"})
+
+
+def real_model_tests_not_marked_slow(items) -> list[str]:
+    """The tests that need SmolLM2 (a real-model fixture, directly or through other fixtures) but are not marked slow."""
+    return [item.nodeid for item in items
+            if REAL_MODEL_FIXTURES & set(item.fixturenames) and item.get_closest_marker("slow") is None]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects anything: every run checks every test
+def pytest_collection_modifyitems(config, items) -> None:
+    unmarked = real_model_tests_not_marked_slow(items)
+    if unmarked:
+        raise pytest.UsageError(f"{unmarked} load the real model but are not marked slow, so `make test-fast` would "
+                                "load it: add @pytest.mark.slow (or pytestmark = pytest.mark.slow).")
 
 _COMMON = dict(
     vocab_size=97,

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
+from conftest import real_model_tests_not_marked_slow
 
 from gated_patch.checkpoints.remote_code import MAX_LINES, check_remote_code, private_attributes, remote_code_source
 
@@ -164,30 +166,27 @@ def test_remote_code_is_short_and_uses_public_apis_only():
     assert ast.unparse(tree.body[first_call]) == "check_transformers_version()" and first_call < first_class
 
 
-REAL_MODEL_FIXTURES = {"smollm2_dir", "smollm2_tokenizer", "load_smollm2"}
-
-
-def _marked_slow(decorators: list[ast.expr]) -> bool:
-    return any("mark.slow" in ast.unparse(decorator) for decorator in decorators)
-
-
 def test_every_test_that_loads_the_real_model_is_marked_slow():
-    """`make test-fast` (``-m "not slow"``) then never loads SmolLM2; `make test` (CI) runs everything."""
+    """`make test-fast` (``-m "not slow"``) then never loads SmolLM2; `make test` (CI) runs everything. conftest checks
+    every collected test before deselection, through pytest's fixture closure (fixtures of fixtures included)."""
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^test-fast:.*\n\t.*pytest -q -m \"not slow\"$", makefile, re.MULTILINE)
     assert re.search(r"^test:.*\n\t.*pytest -q$", makefile, re.MULTILINE)
-    unmarked, marked = [], 0
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
-        tree = ast.parse(path.read_text())
-        module_slow = any(isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in node.targets)
-                          and "mark.slow" in ast.unparse(node.value) for node in tree.body)
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                uses = REAL_MODEL_FIXTURES & {arg.arg for arg in node.args.args}
-                if uses and not (module_slow or _marked_slow(node.decorator_list)):
-                    unmarked.append(f"{path.name}::{node.name}")
-                marked += bool(uses)
-    assert marked >= 5 and unmarked == []
+
+    class Item:
+        def __init__(self, nodeid, fixturenames, slow):
+            self.nodeid, self.fixturenames, self.slow = nodeid, fixturenames, slow
+
+        def get_closest_marker(self, name):
+            return object() if self.slow and name == "slow" else None
+
+    items = [Item("direct", ["tmp_path", "load_smollm2"], False), Item("through_a_fixture", ["study", "smollm2_dir"], False),
+             Item("marked", ["smollm2_tokenizer"], True), Item("tiny", ["tmp_path", "family"], False)]
+    assert real_model_tests_not_marked_slow(items) == ["direct", "through_a_fixture"]
+    hook = conftest.pytest_collection_modifyitems
+    with pytest.raises(pytest.UsageError, match=r"'direct', 'through_a_fixture'.*not marked slow"):
+        hook(None, items)
+    assert hook.pytest_impl["tryfirst"]  # pluggy's record of @pytest.hookimpl(tryfirst=True)
 
 
 def test_no_tracker_references_commit_hashes_or_dates_in_code_and_docs():

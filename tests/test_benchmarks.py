@@ -261,6 +261,7 @@ def test_compare_rebuilds_the_docs_table_from_a_saved_run(tmp_path, capsys):
     assert docs.read_text() == f"{gate_cost_compare.START}\n{gate_cost_compare.END}\n"
 
 
+@pytest.mark.slow  # four gate_cost.py processes, one to two minutes
 def test_compare_quick_runs_old_and_new_code(tmp_path, capsys):
     out = tmp_path / "compare.json"
     data = gate_cost_compare.main(["--quick", "--no-compile", "--rounds", "2", "--old-rev", OLD_REV, "--out", str(out)])

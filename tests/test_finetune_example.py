@@ -71,6 +71,7 @@ def eval_blocks(example, model_dir, seq_len, count):
 COMMON = ["--steps", "2", "--seq-len", "32", "--batch-size", "2", "--eval-blocks", "4"]
 
 
+@pytest.mark.slow  # SmolLM2's tokenizer: a fresh machine converts the real model first
 @pytest.mark.parametrize(
     "mode, extra, expected_trainable",
     [

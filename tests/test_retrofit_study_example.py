@@ -10,6 +10,8 @@ import torch
 from conftest import run_example
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+pytestmark = pytest.mark.slow  # SmolLM2's tokenizer: a fresh machine converts the real model first
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, smollm2_dir):
     model_dir = tmp_path_factory.mktemp("tiny_llama")
