@@ -13,7 +13,8 @@ import conftest
 import pytest
 from conftest import real_model_tests_not_marked_slow
 
-from gated_patch.checkpoints.remote_code import MAX_LINES, check_remote_code, private_attributes, remote_code_source
+from gated_patch.checkpoints.remote_code import (MAX_LINES, check_remote_code, private_attributes, remote_code_problems,
+                                                 remote_code_source)
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("gated_patch", "conversion")
@@ -148,15 +149,12 @@ def test_class_names_are_distinct():
 
 def test_remote_code_is_short_and_uses_public_apis_only():
     source = remote_code_source()
-    assert source.count("\n") <= MAX_LINES
+    assert source.count("\n") <= MAX_LINES and remote_code_problems(source) == []
     tree = ast.parse(source)
     # _init_weights: the method transformers documents for models that add parameters (super() call of the override)
     assert private_attributes(source) == {"_init_weights"}
-    for bad in ("x = torch._C._get_tracing_state()\n", "import numpy\n", "\n" * (MAX_LINES + 1)):
-        with pytest.raises(RuntimeError, match="generated modeling_gated_attention.py"):
-            check_remote_code(bad)
     names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
-    assert not {"torch._C", "_C"} & names and "_compiled_call_impl" not in source and "_global_" not in source
+    assert "_C" not in names and "_compiled_call_impl" not in source and "_global_" not in source
     modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert modules - set(sys.stdlib_module_names) == {"torch", "transformers"}
@@ -164,6 +162,28 @@ def test_remote_code_is_short_and_uses_public_apis_only():
     first_call = next(i for i, node in enumerate(tree.body) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call))
     first_class = next(i for i, node in enumerate(tree.body) if isinstance(node, ast.ClassDef) and node.name == "GateConfig")
     assert ast.unparse(tree.body[first_call]) == "check_transformers_version()" and first_call < first_class
+
+
+@pytest.mark.parametrize("bad, named", [
+    ("x = torch._C._get_tracing_state()\n", "private names ['_C', '_get_tracing_state']"),
+    ("from torch._C import _get_tracing_state\n", "private names ['_C', '_get_tracing_state']"),
+    ("import torch._dynamo as dynamo\n", "private names ['_dynamo']"),
+    ("from torch.nn.modules import module\nhooks = vars(module)['_global_forward_hooks']\n", "['_global_forward_hooks']"),
+    ("c = getattr(torch, '_C')\n", "private names ['_C']"),
+    ("hooks = model.__dict__['_forward_pre_hooks']\n", "private names ['_forward_pre_hooks']"),
+    ("exec('import os')\n", "with ['exec']"),
+    ("f = eval\n", "with ['eval']"),
+    ("os = __import__('os')\n", "with ['__import__']"),
+    ("import importlib\n", "imports ['importlib']"),
+    ("import subprocess\n", "imports ['subprocess']"),
+    ("from pickle import loads\n", "imports ['pickle']"),
+    ("import numpy\n", "imports ['numpy']"),
+    ("\n" * (MAX_LINES + 1), f"{MAX_LINES + 1} lines (at most {MAX_LINES})"),
+])  # fmt: skip
+def test_the_remote_code_check_refuses_what_an_auditor_would(bad, named):
+    with pytest.raises(RuntimeError, match=r"generated modeling_gated_attention\.py has .*" + re.escape(named)):
+        check_remote_code(bad)
+    check_remote_code("import torch\nfrom torch import nn\nx = nn.Module().__dict__.get('_gated_attention_input')\n")
 
 
 def test_every_test_that_loads_the_real_model_is_marked_slow():

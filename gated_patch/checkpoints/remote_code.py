@@ -2,9 +2,9 @@
 
 The generator takes from ``gated_patch/core`` exactly the definitions that the checkpoint classes need (the names
 reachable from `ROOTS`), in source order, shortens their docstrings to the first line, and checks the result: at most
-`MAX_LINES` lines, imports of torch, transformers and the standard library only, and a check at import that the
-running transformers is inside the range the file was generated for. Every checkpoint written by one gated_patch
-version carries the same bytes. Print it with ``gated-patch remote-code``.
+`MAX_LINES` lines, imports of torch, transformers and a few standard-library modules only, no private names, no
+`exec`/`eval`-like builtins, and a check at import that the running transformers is inside the range the file was
+generated for. Every checkpoint written by one gated_patch version carries the same bytes. Print it with ``gated-patch remote-code``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ CORE = Path(__file__).resolve().parent.parent / "core"
 PARTS = ("errors", "versions", "config", "gate", "attention", "parallel", "checkpoint")  # gated_patch/core/<part>.py, in order
 ROOTS = ("check_transformers_version", "GatedCausalLM", "gated_config_class", "__getattr__")
 ALLOWED_IMPORTS = ("torch", "transformers")
+ALLOWED_STDLIB = ("__future__", "collections", "dataclasses", "functools", "itertools", "math", "re", "sys", "typing")
+FORBIDDEN_BUILTINS = frozenset({"__import__", "breakpoint", "compile", "eval", "exec", "globals", "locals", "open"})
+OWN_KEY_PREFIX = "_gated_attention_"  # the gate's own keys in a module's __dict__ (core/attention.py)
 ALLOWED_PRIVATE = ("_init_weights",)  # the method transformers documents for models that add parameters
 MAX_LINES = 250
 
@@ -107,23 +110,53 @@ def imported_top_level_modules(source: str) -> set[str]:
     return names
 
 
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def private_attributes(source: str) -> set[str]:
-    """Every ``x._name`` attribute `source` uses (dunders aside)."""
-    return {node.attr for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Attribute)
-            and node.attr.startswith("_") and not (node.attr.startswith("__") and node.attr.endswith("__"))}
+    """Every private name `source` reaches: ``x._name`` attributes, modules and names it imports (``torch._C``,
+    ``from m import _name``) and string literals naming one (``getattr(torch, "_C")``, ``m.__dict__["_hooks"]``);
+    the file's own ``__dict__`` keys (`OWN_KEY_PREFIX`) and dunders aside."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            names.update(part for module in modules for part in module.split("."))
+            if isinstance(node, ast.ImportFrom):
+                names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            names.add(node.value)
+    return {name for name in names if _is_private(name) and not name.startswith(OWN_KEY_PREFIX)}
+
+
+def remote_code_problems(source: str) -> list[str]:
+    """What makes `source` unfit to ship as remote code (empty if nothing)."""
+    problems = []
+    if source.count("\n") > MAX_LINES:
+        problems.append(f"{source.count(chr(10))} lines (at most {MAX_LINES})")
+    imports = sorted(imported_top_level_modules(source) - set(ALLOWED_IMPORTS) - set(ALLOWED_STDLIB))
+    if imports:
+        problems.append(f"imports {imports} (allowed: {sorted(ALLOWED_IMPORTS + ALLOWED_STDLIB)})")
+    private = sorted(private_attributes(source) - set(ALLOWED_PRIVATE))
+    if private:
+        problems.append(f"private names {private} (allowed: {list(ALLOWED_PRIVATE)})")
+    builtins = sorted({node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)} & FORBIDDEN_BUILTINS)
+    if builtins:
+        problems.append(f"runs or reads code or files with {builtins}")
+    return problems
 
 
 def check_remote_code(source: str) -> None:
-    """Refuse remote code that is too long to audit, imports anything but torch, transformers and the standard
-    library, or uses a private attribute other than transformers' documented `_init_weights` hook."""
-    bad = sorted(name for name in imported_top_level_modules(source)
-                 if name not in ALLOWED_IMPORTS and name not in sys.stdlib_module_names)
-    private = sorted(private_attributes(source) - set(ALLOWED_PRIVATE))
-    if bad or private or source.count("\n") > MAX_LINES:
-        raise RuntimeError(f"The generated {REMOTE_CODE_FILE} has {source.count(chr(10))} lines (at most {MAX_LINES}), "
-                           f"imports {bad or 'nothing'} beyond torch, transformers and the standard library and uses "
-                           f"the private attributes {private or 'none'}: keep gated_patch/core short, on public APIs "
-                           "and free of other imports.")
+    """Refuse remote code that is too long to audit, imports anything beyond torch, transformers and `ALLOWED_STDLIB`,
+    reaches a private name other than transformers' documented `_init_weights` hook, or can run code it does not
+    show (`FORBIDDEN_BUILTINS`). A guard against drift in gated_patch/core, not a sandbox: read the file."""
+    problems = remote_code_problems(source)
+    if problems:
+        raise RuntimeError(f"The generated {REMOTE_CODE_FILE} has {'; '.join(problems)}: keep gated_patch/core short, "
+                           "on public APIs and free of other imports.")
 
 
 def write_remote_code(directory: str | os.PathLike) -> Path:
