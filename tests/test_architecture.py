@@ -13,6 +13,7 @@ import conftest
 import pytest
 from conftest import real_model_tests_not_marked_slow
 
+import gated_patch.checkpoints.remote_code as remote_code_module
 from gated_patch.checkpoints.remote_code import (MAX_LINES, check_remote_code, private_attributes, remote_code_problems,
                                                  remote_code_source)
 
@@ -162,6 +163,17 @@ def test_remote_code_is_short_and_uses_public_apis_only():
     first_call = next(i for i, node in enumerate(tree.body) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call))
     first_class = next(i for i, node in enumerate(tree.body) if isinstance(node, ast.ClassDef) and node.name == "GateConfig")
     assert ast.unparse(tree.body[first_call]) == "check_transformers_version()" and first_call < first_class
+
+
+def test_remote_code_docstrings_are_whole_summary_sentences():
+    """The generator keeps the summary line of each docstring; a summary cut mid-sentence would mislead an auditor."""
+    tree = ast.parse(remote_code_source())
+    docstrings = [ast.get_docstring(node, clean=False) for node in ast.walk(tree)
+                  if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Module)) and ast.get_docstring(node)]
+    assert len(docstrings) >= 20 and all(text.rstrip().endswith(".") for text in docstrings)
+    source = 'def f():\n    """A summary that goes on\n    to the next line."""\n    return 1\n'
+    with pytest.raises(RuntimeError, match="docstring of f .* one-line summary sentence"):
+        remote_code_module._with_short_docstrings(source.splitlines(), ast.parse(source).body[0])
 
 
 @pytest.mark.parametrize("bad, named", [

@@ -1,7 +1,7 @@
 """The remote code of a gated checkpoint, ``modeling_gated_attention.py``, generated from the plugin's own core.
 
 The generator takes from ``gated_patch/core`` exactly the definitions that the checkpoint classes need (the names
-reachable from `ROOTS`), in source order, shortens their docstrings to the first line, and checks the result: at most
+reachable from `ROOTS`), in source order, shortens their docstrings to their one-line summary, and checks the result: at most
 `MAX_LINES` lines, imports of torch, transformers and a few standard-library modules only, no private names, no
 `exec`/`eval`-like builtins, and a check at import that the running transformers is inside the range the file was
 generated for. Every checkpoint written by one gated_patch version carries the same bytes. Print it with ``gated-patch remote-code``.
@@ -44,14 +44,17 @@ def _defined_names(node: ast.stmt) -> set[str]:
 
 
 def _with_short_docstrings(lines: list[str], node: ast.stmt) -> str:
-    """The source lines of `node` (decorators and comments included), docstrings cut to their first line and blank
-    lines dropped."""
+    """The source lines of `node` (decorators and comments included), docstrings cut to their summary line (which must
+    be a whole sentence) and blank lines dropped."""
     first = min([node.lineno] + [decorator.lineno for decorator in getattr(node, "decorator_list", [])])
     cut = set()
     for inner in ast.walk(node):
         body = getattr(inner, "body", None)
         if isinstance(inner, (ast.FunctionDef, ast.ClassDef)) and isinstance(body[0], ast.Expr) and isinstance(
                 body[0].value, ast.Constant) and isinstance(body[0].value.value, str) and body[0].end_lineno > body[0].lineno:
+            if not lines[body[0].lineno - 1].rstrip().endswith("."):
+                raise RuntimeError(f"gated_patch/core: the docstring of {inner.name} (line {body[0].lineno}) must begin "
+                                   "with a one-line summary sentence; the remote code keeps only that line.")
             cut.update(range(body[0].lineno + 1, body[0].end_lineno + 1))
     kept = [lines[number - 1] + ('"""' if number + 1 in cut else "") for number in range(first, node.end_lineno + 1)
             if number not in cut and lines[number - 1].strip()]

@@ -54,11 +54,11 @@ def add_gates(model: nn.Module, gate: GateConfig, modules: dict[str, str]) -> No
 
 
 def load_checked(load, pretrained_model_name_or_path, *args, **kwargs):
-    """``load`` (a ``from_pretrained``), refusing a load that left any tensor missing, unused or reshaped, or split a
-    gate across tensor-parallel ranks otherwise than its heads.
+    """``load`` (a ``from_pretrained``), refusing a load that leaves any tensor missing, unused or reshaped.
 
-    transformers would initialise a missing gate (an identity gate becomes a random ~0.5 gate) and only warn about
-    gate tensors the model has no place for. Same return convention as ``from_pretrained``.
+    It also refuses a gate split across tensor-parallel ranks otherwise than its heads. transformers would initialise
+    a missing gate (an identity gate becomes a random ~0.5 gate) and only warn about gate tensors the model has no
+    place for. Same return convention as ``from_pretrained``.
     """
     want_info = kwargs.pop("output_loading_info", False)
     kwargs["ignore_mismatched_sizes"] = True  # wrong shapes are reported below, naming the tensors
@@ -94,8 +94,11 @@ def gated_config_class(upstream: type) -> type:
 
 
 def __getattr__(name: str) -> type:
-    """``Gated<X>Config`` and ``Gated<X>ForCausalLM`` for every transformers config class ``<X>Config``, the model being
-    the one AutoModelForCausalLM builds for that config (what a gated checkpoint's ``auto_map`` names)."""
+    """``Gated<X>Config`` and ``Gated<X>ForCausalLM`` for every transformers config class ``<X>Config``.
+
+    The model is the one AutoModelForCausalLM builds for that config; these are the names a gated checkpoint's
+    ``auto_map`` gives.
+    """
     stem = name[len("Gated"):].removesuffix("Config").removesuffix("ForCausalLM") if name.startswith("Gated") else ""
     config = getattr(transformers, f"{stem}Config", None) if name.endswith(("Config", "ForCausalLM")) else None
     if isinstance(config, type) and issubclass(config, transformers.PretrainedConfig):

@@ -24,11 +24,11 @@ class AttentionGateLinear(nn.Linear):
         self.reset_parameters()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """``F.linear``; while torch.compile traces one token (decode), a matrix-vector product, which it fuses with the
-        activation.
+        """``F.linear``, or a matrix-vector product while torch.compile traces one token (decode).
 
-        Compiled, a BLAS call instead costs decode several percent; eager, linear costs less than mv and its reshapes
-        (docs/performance.md). CPU autocast casts the inputs of linear but not of mv, so under autocast it is linear.
+        Compiled, inductor fuses that product with the activation, where a BLAS call costs decode several percent;
+        eager, linear costs less than mv and its reshapes (docs/performance.md). CPU autocast casts the inputs of
+        linear but not of mv, so under autocast it is linear.
         """
         if not torch.compiler.is_compiling() or input.numel() != self.in_features or torch.is_autocast_enabled(
                 input.device.type):

@@ -10,9 +10,11 @@ from .errors import GatedCheckpointError
 
 
 def add_gate_tp_plan(model: nn.Module, gate: GateConfig, modules: dict[str, str]) -> None:
-    """Give the gates transformers' ``colwise`` entry in ``model.tp_plan`` (the query heads' style) where the plan splits
-    the output projection by heads (``rowwise``); a gate computed from the attention output gets none, and
-    `check_gate_sharding` refuses it when the heads are split."""
+    """Give the gates a ``colwise`` entry in ``model.tp_plan`` where it splits the output projection by heads.
+
+    ``colwise`` is the query heads' style, and the plan splits the heads where it has the output projection
+    ``rowwise``. A gate computed from the attention output gets none; `check_gate_sharding` refuses it then.
+    """
     plan, attention = model.tp_plan or {}, f"{modules['decoder_layers']}.*.{modules['attention']}"
     if plan.get(f"{attention}.{modules['output_projection']}") == "rowwise" and gate.gate_input == "hidden_states":
         model.tp_plan = {**plan, f"{attention}.{GATE_MODULE_NAME}": "colwise"}
@@ -25,8 +27,10 @@ def remove_gate_tp_plan(model: nn.Module) -> None:
 
 
 def check_gate_sharding(model: nn.Module) -> None:
-    """Refuse a model whose gates are not split across ranks (tensor parallelism) as their heads are: compared by
-    DTensor placements, and by shape where transformers keeps only this rank's part of each (float) weight."""
+    """Refuse a model whose gates are not split across tensor-parallel ranks as their heads are.
+
+    Compared by DTensor placements, and by shape where transformers keeps only this rank's part of each (float) weight.
+    """
     for name, attention in model.named_modules():
         if is_gated_attention(attention):
             weight, gate = getattr(attention, attention.gate_projection_name).weight, getattr(attention, GATE_MODULE_NAME).weight
