@@ -1,6 +1,7 @@
 """Gated checkpoints without the plugin: a subprocess in which `gated_patch` cannot be imported loads them with
-``trust_remote_code=True`` (equal logits), for the built-in families and for families registered at run time, refuses
-them without it, refuses missing gate tensors, and refuses a transformers release outside the file's range."""
+``trust_remote_code=True`` (equal logits), for the built-in families and for families registered at run time (OPT
+with its own module paths), refuses them without it, refuses missing gate tensors, and refuses a transformers release
+outside the file's range."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import pytest
 import torch
 from conftest import FAMILIES, randomize_gates, tiny_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, MixtralConfig, Phi3Config
+from transformers import AutoModelForCausalLM, MixtralConfig, OPTConfig, Phi3Config
 
 import gated_patch
 from gated_patch import GateConfig, gate_config, patch_model
+from gated_patch.core.checkpoint import GATE_MODULES_KEY
 from gated_patch.core.versions import MAX_TRANSFORMERS, MIN_TRANSFORMERS
 
 IDS = [[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
@@ -29,11 +31,16 @@ GATES = {
     "qwen3": GateConfig(init="paper", activation="silu"),
     "mixtral": GateConfig(granularity="headwise", layers=[1]),
     "phi3": GateConfig(activation="silu"),
+    "opt": GateConfig(granularity="headwise", gate_input="attn_output"),
 }
-#: Families registered at run time: their config class, the attention class to register, the class name expected.
+#: Families registered at run time: their config class, the registration, the class name expected. OPT puts its
+#: layers and output projection elsewhere (`model.decoder.layers`, `out_proj`): the registration says where.
 RUNTIME_FAMILIES = {
-    "mixtral": (MixtralConfig, "transformers.models.mixtral.modeling_mixtral:MixtralAttention", "Mixtral"),
-    "phi3": (Phi3Config, "transformers.models.phi3.modeling_phi3:Phi3Attention", "Phi3"),
+    "mixtral": (MixtralConfig, dict(attention_class="transformers.models.mixtral.modeling_mixtral:MixtralAttention"),
+                "Mixtral"),
+    "phi3": (Phi3Config, dict(attention_class="transformers.models.phi3.modeling_phi3:Phi3Attention"), "Phi3"),
+    "opt": (OPTConfig, dict(attention_class="transformers.models.opt.modeling_opt:OPTAttention",
+                            decoder_layers="model.decoder.layers", output_projection="out_proj"), "OPT"),
 }
 CLASS_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3",
                **{family: spec[2] for family, spec in RUNTIME_FAMILIES.items()}}
@@ -111,19 +118,19 @@ def _run(tmp_path, script: str, *args: str) -> str:
 
 
 def _runtime_family_model(family: str, seed: int):
-    config_class, attention, _ = RUNTIME_FAMILIES[family]
+    config_class = RUNTIME_FAMILIES[family][0]
     torch.manual_seed(seed)
+    sizes = dict(ffn_dim=96, word_embed_proj_dim=64) if family == "opt" else dict(intermediate_size=96, num_key_value_heads=2)
     extra = {"num_local_experts": 2, "num_experts_per_tok": 1} if family == "mixtral" else {}
-    config = config_class(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
-                          eos_token_id=2, tie_word_embeddings=False, **extra)
+    config = config_class(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **sizes, **extra)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
 @pytest.fixture
 def runtime_families():
-    for family, (_, attention, _) in RUNTIME_FAMILIES.items():
-        gated_patch.register_model_type(family, attention, overwrite=True)
+    for family, (_, registration, _) in RUNTIME_FAMILIES.items():
+        gated_patch.register_model_type(family, **registration, overwrite=True)
     yield list(RUNTIME_FAMILIES)
     for family in RUNTIME_FAMILIES:
         gated_patch.unregister_model_type(family)
@@ -147,6 +154,13 @@ def test_loads_without_plugin_only_with_trust_remote_code(tmp_path, runtime_fami
         with torch.no_grad():  # with the plugin, too
             assert torch.equal(reloaded(ids).logits, references[family]), family
         experts[family] = model.config._experts_implementation
+        if family == "mixtral":  # the experts kernel that transformers gives a class outside its own files (below)
+            eager_experts = AutoModelForCausalLM.from_pretrained(checkpoints / family, attn_implementation="eager",
+                                                                 experts_implementation="eager").eval()
+            with torch.no_grad():
+                references["mixtral-eager-experts"] = eager_experts(ids).logits
+    modules = json.loads((checkpoints / "opt" / "config.json").read_text())[GATE_MODULES_KEY]
+    assert modules == {"decoder_layers": "model.decoder.layers", "attention": "self_attn", "output_projection": "out_proj"}
     broken = checkpoints / "broken"
     tiny = tiny_model("llama")
     patch_model(tiny)
@@ -164,6 +178,7 @@ def test_loads_without_plugin_only_with_trust_remote_code(tmp_path, runtime_fami
         assert results[family + ":class"].endswith(f".modeling_gated_attention.Gated{CLASS_NAMES[family]}ForCausalLM")
         if family == "mixtral":  # transformers gives classes outside its own files its eager MoE kernels
             assert results["mixtral:experts"] == "eager" and experts["mixtral"] == "grouped_mm"
+            assert torch.equal(torch.load(out / f"{family}.pt"), references["mixtral-eager-experts"])
             torch.testing.assert_close(torch.load(out / f"{family}.pt"), references[family], rtol=0, atol=1e-6)
         else:
             assert torch.equal(torch.load(out / f"{family}.pt"), references[family]), family
