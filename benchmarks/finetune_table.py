@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gated_patch.checkpoints.files import atomic_write, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "finetune_gates.py"
 
@@ -114,11 +116,8 @@ def main(argv=None) -> None:
 
 
 def write_outputs(results: list[dict], settings: str, out: Path) -> None:
-    texts = {"table.md": markdown(results, settings), "results.json": json.dumps(results, indent=2) + "\n"}
-    for name, text in texts.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    atomic_write(out / "table.md", markdown(results, settings))
+    write_json(out / "results.json", results)
 
 
 if __name__ == "__main__":

@@ -488,7 +488,8 @@ def plot(results: dict, path: str) -> None:
 
 
 def write_json(data, path: str) -> None:
-    """Atomically (a temporary file in the same folder, then a rename)."""
+    """Atomically (a temporary file in the same folder, then a rename). Not gated_patch's `atomic_write`: this script
+    also runs on the old code of `gate_cost_compare.py`, which may not have it."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")

@@ -291,10 +291,6 @@ def machine_info(first_result: Optional[dict]) -> dict:
     return info
 
 
-def write_json(data, path: str) -> None:
-    files.write_json(path, data, sort_keys=False)
-
-
 def summarise(data: dict) -> dict:
     if "machine" not in data:  # kept when rebuilding from a saved JSON (possibly from another machine)
         data["machine"] = machine_info(data["runs"][0]["result"] if data["runs"] else None)
@@ -367,11 +363,11 @@ def main(argv=None) -> dict:
         def save(runs):
             data["runs"] = runs
             data["elapsed_s"] = time.perf_counter() - started
-            write_json(data, args.out)  # after every run, so that an interrupted compare keeps what it measured
+            files.write_json(args.out, data)  # after every run, so that an interrupted compare keeps what it measured
 
         run_rounds(trees, args.rounds, args.gate_cost_args, workdir, on_run=save)
     summarise(data)
-    write_json(data, args.out)
+    files.write_json(args.out, data)
     _publish(data, args)
     print(f"wrote {args.out} ({data['elapsed_s'] / 60:.1f} min)")
     return data

@@ -348,6 +348,18 @@ def test_record_is_json_with_versions(trained):
     assert len(data["base_gate_sha256"]) == 64
 
 
+@pytest.mark.parametrize("text, named", [
+    ("{not json", r"cannot read it as JSON .*re-save the adapter"),
+    ("[1, 2]", r"expected a JSON object.*re-save the adapter"),
+    ('{"format": "something.else"}', r"not a gated_patch adapter record"),
+])  # fmt: skip
+def test_a_bad_record_is_a_gated_adapter_error_naming_the_file(tmp_path, text, named):
+    (tmp_path / SIDECAR_NAME).write_text(text)
+    with pytest.raises(GatedAdapterError, match=named) as error:
+        read_record(tmp_path)
+    assert str(tmp_path / SIDECAR_NAME) in str(error.value)
+
+
 def test_plain_adapter_into_plain_peft_model_on_unpatched_base(tmp_path):
     """A LoRA adapter without gates goes through load_gated_adapter unchanged (and is verified)."""
     from peft import LoraConfig, get_peft_model
@@ -388,3 +400,27 @@ def test_an_added_adapter_gets_its_record(tmp_path):
     peft_model.add_adapter("extra", gate_only_config())
     peft_model.save_pretrained(tmp_path)
     assert read_record(tmp_path)["gate_tensors"] == read_record(tmp_path / "extra")["gate_tensors"] == "full"
+
+
+def test_gates_stored_in_a_sharded_base_checkpoint_are_found_through_its_index(tmp_path):
+    """Trained gates are reproducible when the checkpoint the model came from holds them; only the files its index
+    lists count, so a stray safetensors file beside them (other gate values) changes nothing."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from gated_patch.adapters import gates_reproducible
+
+    model = tiny_model("llama")
+    gated_patch.patch_model(model)
+    randomize_gates(model)
+    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    assert (tmp_path / "base" / "model.safetensors.index.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert gates_reproducible(reloaded) == (True, "equal to the gates stored in the base checkpoint")
+    stray = {name: torch.zeros_like(tensor) + 1 for name, tensor in gated_patch.gate_parameters(reloaded)}
+    save_file({name: tensor.contiguous() for name, tensor in stray.items()}, tmp_path / "base" / "zz-stray.safetensors")
+    assert gates_reproducible(reloaded)[0]
+    with torch.no_grad():  # gates that moved after loading are not the stored ones
+        next(iter(dict(gated_patch.gate_parameters(reloaded)).values())).add_(1.0)
+    ok, why = gates_reproducible(reloaded)
+    assert not ok and "not stored in the checkpoint" in why

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -303,6 +304,22 @@ def test_push_refuses_ungated_folder(tmp_path, capsys):
     capsys.readouterr()
     assert push_cli.main([str(src), "--repo-id", "me/x"], api=api) == 2
     assert "is not a gated checkpoint; convert it first" in capsys.readouterr().err
+    assert api.method_calls == []
+
+
+@pytest.mark.parametrize("remove, named", [
+    ("model-00002-of-00002.safetensors", r"model-00002-of-00002\.safetensors: listed in .*index\.json but missing"),
+    (REMOTE_CODE_FILE, rf"incomplete gated checkpoint \(missing \['{REMOTE_CODE_FILE}'\]\)"),
+    ("model.safetensors.index.json", r"incomplete gated checkpoint \(missing \['model\.safetensors or model\.safetensors"),
+])  # fmt: skip
+def test_push_refuses_an_incomplete_gated_checkpoint(tmp_path, capsys, remove, named):
+    src = make_source(tmp_path / "src")
+    code, _, err = run_convert(capsys, src, tmp_path / "out")
+    assert code == 0, err
+    (tmp_path / "out" / remove).unlink()
+    api = mock.create_autospec(HfApi, instance=True)
+    assert push_cli.main([str(tmp_path / "out"), "--repo-id", "me/x"], api=api) == 2
+    assert re.search(named, capsys.readouterr().err)
     assert api.method_calls == []
 
 

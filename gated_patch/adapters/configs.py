@@ -25,6 +25,7 @@ from peft import LNTuningConfig, LoraConfig
 from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
+from ..checkpoints.files import find_weight_files, open_shards
 from ..core.attention import GATE_MODULE_NAME
 from ..patching import gate_config, is_patched
 from .record import GatedAdapterError, base_gate_tensors, gate_module_names
@@ -153,14 +154,11 @@ def _checkpoint_gate_tensors(model: nn.Module, names: Iterable[str]) -> dict[str
     directory = Path(source) if source else None
     if directory is None or not directory.is_dir():
         return {}
-    from safetensors import safe_open
-
-    wanted, found = set(names), {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in wanted.intersection(handle.keys()):
-                found[key] = handle.get_tensor(key)
-    return found
+    weights = find_weight_files(directory)
+    if weights is None or weights.pickled:  # pickled weights are not unpickled to compare gates
+        return {}
+    _, by_name = open_shards(weights)  # checked against the index; a stray *.safetensors beside them is not read
+    return {name: by_name[name].get(name) for name in sorted(set(names) & set(by_name))}
 
 
 def gates_reproducible(model: nn.Module) -> tuple[bool, str]:

@@ -8,7 +8,6 @@ modules it expects and (for LoRA on the gate) a fingerprint of the base gates it
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -16,10 +15,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..checkpoints.files import write_json
+from ..checkpoints.files import read_json, write_json
 from ..core.attention import GATE_MODULE_NAME
 from ..gating import gated_attention_modules
-from ..core.errors import GatedPatchError
+from ..core.errors import GatedCheckpointError, GatedPatchError
 
 SIDECAR_NAME = "gated_patch_adapter.json"
 FORMAT = "gated_patch.adapter"
@@ -87,7 +86,7 @@ def write_record(directory: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Write the sidecar atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    return write_json(directory / SIDECAR_NAME, record)
+    return write_json(directory / SIDECAR_NAME, record, sort_keys=True)
 
 
 def read_record(directory: str | os.PathLike) -> Optional[dict[str, Any]]:
@@ -96,10 +95,10 @@ def read_record(directory: str | os.PathLike) -> Optional[dict[str, Any]]:
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise GatedAdapterError(f"{path} is not valid JSON ({exc}); re-save the adapter.") from exc
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        record = read_json(path, "re-save the adapter")
+    except GatedCheckpointError as exc:
+        raise GatedAdapterError(f"{exc} Or re-save the adapter.") from exc
+    if record.get("format") != FORMAT:
         raise GatedAdapterError(f"{path} is not a gated_patch adapter record (missing format={FORMAT!r}).")
     if record.get("format_version", 0) > FORMAT_VERSION:
         raise GatedAdapterError(

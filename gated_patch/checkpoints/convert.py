@@ -452,8 +452,8 @@ def _write_into(plan: ConversionPlan, tmp: Path, progress: bool) -> None:
             for source_shard in plan.sources:  # unmap what this shard read: peak memory stays ~ one shard
                 source_shard.close()
     index = {"metadata": {"total_size": total_size, "total_parameters": total_parameters}, "weight_map": weight_map}
-    write_json(tmp / SAFE_WEIGHTS_INDEX_NAME, index)
-    write_json(tmp / CONFIG_NAME, plan.config)
+    write_json(tmp / SAFE_WEIGHTS_INDEX_NAME, index, sort_keys=True)
+    write_json(tmp / CONFIG_NAME, plan.config, sort_keys=True)
     for path in plan.extra_files:
         shutil.copyfile(path, tmp / path.name)
     if plan.target_layout == layouts.PLUGIN:

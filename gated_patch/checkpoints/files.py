@@ -52,7 +52,9 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
-def write_json(path: str | os.PathLike, data: Any, sort_keys: bool = True) -> Path:
+def write_json(path: str | os.PathLike, data: Any, sort_keys: bool = False) -> Path:
+    """`data` as indented JSON, written with `atomic_write` (keys in their order, or sorted as transformers sorts a
+    ``config.json``)."""
     return atomic_write(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 

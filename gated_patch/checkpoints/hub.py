@@ -10,7 +10,7 @@ from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHT
 
 from ..core.checkpoint import GATE_CONFIG_KEY
 from ..core.errors import GatedCheckpointError
-from .files import read_json
+from .files import find_weight_files, read_json
 from .format import is_gated_model_type
 from .model_card import MODEL_CARD_FILE
 from .remote_code import REMOTE_CODE_FILE
@@ -23,8 +23,9 @@ def check_pushable(folder: Path) -> dict:
     config = read_json(folder / CONFIG_NAME, "pass a checkpoint directory")
     model_type = config.get("model_type")
     if is_gated_model_type(model_type):
-        weights = SAFE_WEIGHTS_NAME if (folder / SAFE_WEIGHTS_NAME).exists() else SAFE_WEIGHTS_INDEX_NAME
-        missing = [name for name in (weights, REMOTE_CODE_FILE) if not (folder / name).exists()]
+        weights = find_weight_files(folder)  # an index whose shards are missing raises, naming the shard
+        missing = [] if weights is not None and not weights.pickled else [f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}"]
+        missing += [] if (folder / REMOTE_CODE_FILE).exists() else [REMOTE_CODE_FILE]
         missing += [f"{CONFIG_NAME}:{GATE_CONFIG_KEY}"] if GATE_CONFIG_KEY not in config else []
         if missing:
             raise GatedCheckpointError(f"{folder}: incomplete gated checkpoint (missing {missing}); re-run "

@@ -79,10 +79,6 @@ def environment() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def write_json(path, data) -> Path:
-    return files.write_json(path, data, sort_keys=False)
-
-
 def plot_inspections(results: Sequence[Inspection], path, title: Optional[str] = None) -> Path:
     """Per-layer curves of every result on shared axes: F-Attn, M-Act (log scale), mean gate score and mean
     |attention output| before (solid) / after (dashed) the gate."""
