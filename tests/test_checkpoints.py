@@ -186,6 +186,38 @@ def test_loading_info_check_lists_every_problem():
     assert load_checked(lambda *args, **kwargs: (model, clean), "ckpt") is model
 
 
+def test_a_family_outside_transformers_patches_but_saving_it_is_refused_with_the_reason(tmp_path):
+    """A causal LM registered with transformers' Auto classes at run time: its checkpoints' remote code could not
+    rebuild it (it rebuilds transformers' own classes by name), so registration warns and saving refuses."""
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    class OutsideConfig(LlamaConfig):
+        model_type = "outside_llama"
+
+    class OutsideForCausalLM(LlamaForCausalLM):
+        config_class = OutsideConfig
+
+    AutoConfig.register("outside_llama", OutsideConfig, exist_ok=True)
+    AutoModelForCausalLM.register(OutsideConfig, OutsideForCausalLM, exist_ok=True)
+    with CaptureLogger(logging.get_logger("gated_patch.checkpoints.loading")) as captured:
+        gated_patch.register_model_type("outside_llama", LlamaAttention)
+    try:
+        assert "'outside_llama' is not one of transformers' own causal LMs" in captured.out
+        assert "not saved as a gated checkpoint" in captured.out
+        model = OutsideForCausalLM(OutsideConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2)).eval()
+        patch_model(model)
+        assert is_patched(model) and len(dict(gated_patch.gate_parameters(model))) == 2 * 2  # weight and bias
+        with pytest.raises(GatedCheckpointError, match=r"OutsideConfig.*rebuilds the model from transformers' own"):
+            model.save_pretrained(tmp_path / "outside")
+        assert not (tmp_path / "outside").exists()
+    finally:
+        gated_patch.unregister_model_type("outside_llama")
+
+
 def test_saving_submodule_or_pushing_is_refused(tmp_path):
     model = gated_tiny("llama")
     with pytest.raises(GatedCheckpointError, match="whole causal LMs"):

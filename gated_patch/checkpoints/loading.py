@@ -84,8 +84,8 @@ def register_checkpoint_classes(model_type: str, family: Optional[ModelFamily] =
     attach or drop a registered `family`). Returns False, registering nothing, for a model type that transformers'
     Auto classes do not build as a causal LM: such a family can be patched, but its checkpoints could not load."""
     if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        logger.warning(f"model_type {model_type!r} has no causal LM in transformers' AutoModelForCausalLM mapping: it can "
-                       "be patched, but not saved as a gated checkpoint.")
+        logger.warning(f"model_type {model_type!r} is not one of transformers' own causal LMs: it can be patched, but "
+                       "not saved as a gated checkpoint, whose remote code rebuilds transformers' classes by name.")
         return False
     config_class = gated_config_class(CONFIG_MAPPING[model_type])
     loader = type(f"Gated{model_type.title().replace('_', '').replace('-', '')}Loader", (GatedCheckpointLoader,),
