@@ -1,6 +1,7 @@
 """The public API: GateConfig validation, patch/unpatch contract, registry, initialisation, devices, bad input."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import gated_patch as gp
-from gated_patch.core.versions import check_transformers_version
+from gated_patch.core.versions import MAX_TRANSFORMERS, MIN_TRANSFORMERS, check_transformers_version
 from conftest import randomize_gates, tiny_config, tiny_model
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 8, 91, 33, 12, 64, 7, 29]])
@@ -305,6 +306,11 @@ def test_unsupported_transformers_version_is_refused():
     with pytest.raises(gp.UpstreamStructureError, match="transformers 4.57.0 is installed"):
         check_transformers_version("4.57.0")
     check_transformers_version()  # the installed version is supported
+    for inside in (MIN_TRANSFORMERS, MIN_TRANSFORMERS.rsplit(".", 1)[0], "5.99.1.dev0"):  # "5.13" is 5.13.0
+        check_transformers_version(inside)
+    for outside in ("5.12.99", MAX_TRANSFORMERS, MAX_TRANSFORMERS.rsplit(".", 1)[0]):
+        with pytest.raises(gp.UpstreamStructureError, match=f"transformers {re.escape(outside)} is installed"):
+            check_transformers_version(outside)
 
 
 def test_gates_take_the_models_train_or_eval_mode():

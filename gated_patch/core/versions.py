@@ -12,8 +12,8 @@ MIN_TRANSFORMERS, MAX_TRANSFORMERS = "5.13.0", "6.0.0"  # oldest tested (.ci/old
 
 
 def check_version(package: str, installed: str, low: str, high: str, fix: str = "") -> None:
-    """Raise `UpstreamStructureError` unless ``low <= installed < high`` (the first three numbers of each version)."""
-    oldest, have, first_unsupported = (tuple(int(n) for n in re.findall(r"\d+", v)[:3]) for v in (low, installed, high))
+    """Raise `UpstreamStructureError` unless ``low <= installed < high`` (first three numbers; "5.13" is 5.13.0)."""
+    oldest, have, first_unsupported = ((*map(int, re.findall(r"\d+", v)[:3]), 0, 0)[:3] for v in (low, installed, high))
     if not oldest <= have < first_unsupported:
         raise UpstreamStructureError(f"gated_patch supports {package}>={low},<{high}; {package} {installed} is installed. "
                                      f"pip install '{package}>={low},<{high}'{fix}")
