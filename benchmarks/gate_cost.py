@@ -67,7 +67,21 @@ VARIANTS: dict[str, Optional[gp.GateConfig]] = {
     "elementwise/attn_out": gp.GateConfig(granularity="elementwise", gate_input="attn_output"),
     "headwise/attn_out": gp.GateConfig(granularity="headwise", gate_input="attn_output"),
 }
+#: Ablations, only when asked for by name: the same gate, its projection `nn.Linear.forward` under torch.compile too
+#: (without the one-token matrix-vector product that `AttentionGateLinear.forward` gives compiled decode).
+LINEAR_ABLATIONS = {"elementwise/hidden+linear": "elementwise/hidden", "headwise/hidden+linear": "headwise/hidden"}
+VARIANTS.update({name: VARIANTS[gate] for name, gate in LINEAR_ABLATIONS.items()})
 BASE = "unpatched"
+
+
+def as_plain_linear(model) -> None:
+    """Make every gate projection of `model` run `nn.Linear.forward` (compiled or not): the `LINEAR_ABLATIONS`."""
+    from gated_patch.core.gate import AttentionGateLinear
+
+    plain = type("PlainLinearGate", (AttentionGateLinear,), {"forward": torch.nn.Linear.forward})
+    for module in model.modules():
+        if type(module) is AttentionGateLinear:
+            module.__class__ = plain
 
 
 # --- FLOPs counted from the shapes ------------------------------------------------------------------------------
@@ -151,6 +165,8 @@ class Siblings:
                 continue
             sibling = copy.deepcopy(model, dict(shared))
             gp.patch_model(sibling, gate)
+            if name in LINEAR_ABLATIONS:
+                as_plain_linear(sibling)
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 for _, parameter in gp.gate_parameters(sibling):
@@ -564,7 +580,8 @@ def parse_args(argv=None):
     args.decode_reps = args.reps if args.decode_reps is None else args.decode_reps
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.compile_variants = [n.strip() for n in args.compile_variants.split(",") if n.strip()]
-    wanted = list(VARIANTS) if args.variants is None else [n.strip() for n in args.variants.split(",") if n.strip()]
+    wanted = ([n for n in VARIANTS if n not in LINEAR_ABLATIONS] if args.variants is None
+              else [n.strip() for n in args.variants.split(",") if n.strip()])
     unknown = sorted(set(wanted + args.compile_variants) - set(VARIANTS))
     if unknown:
         sys.exit(f"Unknown variants {unknown}; choose from {list(VARIANTS)}.")

@@ -15,9 +15,12 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import gate_cost  # noqa: E402
 import gate_cost_compare  # noqa: E402
+import torch  # noqa: E402
+from conftest import tiny_model  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 import gated_patch as gp  # noqa: E402
+from gated_patch.core.gate import AttentionGateLinear  # noqa: E402
 
 OLD_REV = "HEAD"  # the machinery is tested against a revision every checkout has; the default old revision below
 
@@ -98,6 +101,23 @@ def test_gate_cost_quick_run_writes_every_workload(tmp_path):
     assert params["elementwise/attn_out"] > params["headwise/hidden"] > params["unpatched"]
     assert "train_gate_only_peak_bytes" not in memory["unpatched"]
     assert (tmp_path / "gate_cost.png").stat().st_size > 0
+
+
+def test_the_linear_ablation_is_the_same_gate_computed_by_nn_linear_and_runs_only_when_named():
+    torch.manual_seed(0)
+    model = tiny_model("llama").eval()
+    siblings = gate_cost.Siblings(model, ["unpatched", "elementwise/hidden", "elementwise/hidden+linear"], seed=3)
+    shipped, ablation = siblings["elementwise/hidden"], siblings["elementwise/hidden+linear"]
+    gates = [m for m in ablation.modules() if isinstance(m, AttentionGateLinear)]
+    assert len(gates) == model.config.num_hidden_layers
+    assert all(type(m).forward is torch.nn.Linear.forward for m in gates)
+    assert all(type(m).forward is AttentionGateLinear.forward for m in shipped.modules() if isinstance(m, AttentionGateLinear))
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(shipped(ids).logits, ablation(ids).logits)
+        assert not torch.equal(shipped(ids).logits, model(ids).logits)  # the gates are trained-looking, not identity
+    assert "elementwise/hidden+linear" not in gate_cost.parse_args(["--quick"]).variants
+    assert "elementwise/hidden+linear" in gate_cost.parse_args(["--variants", "elementwise/hidden+linear"]).variants
 
 
 def test_gate_cost_compiled_decode(tmp_path):

@@ -26,9 +26,9 @@ class AttentionGateLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``F.linear``, or a matrix-vector product while torch.compile traces one token (decode).
 
-        Compiled, inductor fuses that product with the activation, where a BLAS call costs decode several percent;
-        eager, linear costs less than mv and its reshapes (docs/performance.md). CPU autocast casts the inputs of
-        linear but not of mv, so under autocast it is linear.
+        Compiled, inductor fuses that product with the activation, where linear's BLAS call costs SmolLM2's compiled
+        decode 3-4% more (docs/performance.md, the ablation); eager, linear costs less than mv and its reshapes. CPU
+        autocast casts the inputs of linear but not of mv, so under autocast it is linear.
         """
         if not torch.compiler.is_compiling() or input.numel() != self.in_features or torch.is_autocast_enabled(
                 input.device.type):
