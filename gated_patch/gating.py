@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .checkpoints.format import gate_tensor_shapes
+from .checkpoints.format import gate_tensor_shapes, remove_gated_entries
 from .checkpoints.saving import GatedModelMixin
 from .compat import check_attention_structure, refresh_output_recording
 from .core.attention import GATE_MODULE_NAME, attach_gate, detach_gate, gated_subclass, is_gated_attention, original_class
@@ -143,8 +143,7 @@ def ungate_model(model: PreTrainedModel) -> PreTrainedModel:
         if isinstance(module, GatedModelMixin):
             module.__class__ = original_class(type(module))
             refresh_output_recording(module)
-    for key in (GATE_CONFIG_KEY, GATE_MODULES_KEY):
-        model.config.__dict__.pop(key, None)
+    remove_gated_entries(model.config.__dict__, type(model).__name__)  # also what loading a gated checkpoint set
     return model
 
 

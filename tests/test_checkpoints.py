@@ -16,7 +16,7 @@ from gated_patch import GateConfig, GatedCheckpointError, gate_config, is_patche
 from gated_patch.checkpoints.remote_code import REMOTE_CODE_FILE, imported_top_level_modules
 from gated_patch.checkpoints.saving import GatedModelMixin
 from gated_patch.core.attention import gated_subclass
-from gated_patch.core.checkpoint import gated_config_class, load_checked
+from gated_patch.core.checkpoint import GATE_CONFIG_KEY, gated_config_class, load_checked
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
 
@@ -243,6 +243,36 @@ def test_unpatched_model_saves_plain(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config and "attn_output_gate" not in config
     assert not (tmp_path / REMOTE_CODE_FILE).exists()
+
+
+def test_a_loaded_gated_checkpoint_unpatched_saves_a_plain_checkpoint_that_loads_everywhere(tmp_path):
+    """Unpatching a model loaded from a gated checkpoint also drops what loading set: the remote-code auto_map and the
+    gated architecture, so the saved checkpoint is plain, also with trust_remote_code and over the gated directory."""
+    reference = tiny_model("llama")
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        plain = reference(ids).logits
+    patch_model(reference)
+    randomize_gates(reference)
+    reference.save_pretrained(tmp_path / "gated")
+    config = json.loads((tmp_path / "gated" / "config.json").read_text())
+    config["auto_map"]["AutoTokenizer"] = ["tokenization_own.OwnTokenizer", None]  # not the model's: kept
+    (tmp_path / "gated" / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gated", attn_implementation="eager").eval()
+    unpatch_model(model)
+    assert model.config.architectures == ["LlamaForCausalLM"] and GATE_CONFIG_KEY not in model.config.to_dict()
+    assert model.config.auto_map == {"AutoTokenizer": ["tokenization_own.OwnTokenizer", None]}
+    for directory in (tmp_path / "plain", tmp_path / "gated"):  # a new directory, and back over the gated one
+        model.save_pretrained(directory)
+        saved = json.loads((directory / "config.json").read_text())
+        assert saved["model_type"] == "llama" and saved["architectures"] == ["LlamaForCausalLM"]
+        assert saved["auto_map"] == {"AutoTokenizer": ["tokenization_own.OwnTokenizer", None]}
+        for trust in (False, True):
+            reloaded = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust,
+                                                            attn_implementation="eager").eval()
+            assert type(reloaded).__name__ == "LlamaForCausalLM" and not is_patched(reloaded)
+            with torch.no_grad():
+                assert torch.equal(reloaded(ids).logits, plain)
 
 
 def test_from_config_builds_a_gated_model():

@@ -22,14 +22,14 @@ from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
 
 from ..core.attention import GATE_MODULE_NAME
-from ..core.checkpoint import GATE_CONFIG_KEY, GATE_MODULES_KEY
 from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError
 from ..families import family_for_config
 from . import layouts, native
 from .files import (DTYPES, SourceShard, find_weight_files, open_shards, read_json, staging_directory, tensor_nbytes,
                     write_json, write_safetensors)
-from .format import config_object, family_of, gated_config_entries, is_gate_tensor, is_gated_model_type
+from .format import (config_object, family_of, gated_config_entries, is_gate_tensor, is_gated_model_type,
+                     remove_gated_entries)
 from .model_card import MODEL_CARD_FILE, exported_model_card, gated_model_card
 from .remote_code import write_remote_code
 from .validate import check_gate_tensors, gate_config_from
@@ -341,8 +341,7 @@ def plan_conversion(
                     return layouts.fuse(query, gate_part, target_layout, granularity, shape)
 
                 replaced[q_name(i, kind)] = [(q_name(i, kind), dtype, (shape.fused_rows(granularity), *rest), fused)]
-        for key in (GATE_CONFIG_KEY, GATE_MODULES_KEY, "auto_map"):
-            out_config.pop(key, None)
+        remove_gated_entries(out_config, _upstream_classes(family)[1].__name__)
         out_config["model_type"] = family
         out_config["architectures"] = [_upstream_classes(family)[1].__name__]
         if target_layout == layouts.PAPER:

@@ -69,6 +69,25 @@ def gated_config_entries(config_class: type, model_class: type, gate: GateConfig
     }
 
 
+def remove_gated_entries(config: dict, model_class_name: str) -> dict:
+    """Undo `gated_config_entries` in `config` (a ``config.json`` dict, or a config's ``__dict__``), in place: no gate
+    entries, the upstream model type, ``architectures`` naming `model_class_name` where it named the gated class, and
+    no ``auto_map`` entry that points at the remote code (the upstream config's own entries stay)."""
+    for key in (GATE_CONFIG_KEY, GATE_MODULES_KEY):
+        config.pop(key, None)
+    if is_gated_model_type(config.get("model_type")):
+        config["model_type"] = family_of(config["model_type"])
+    if config.get("architectures") == [f"Gated{model_class_name}"]:
+        config["architectures"] = [model_class_name]
+    auto_map = {key: value for key, value in (config.get("auto_map") or {}).items()
+                if not str(value).startswith(f"{REMOTE_MODULE}.")}
+    if auto_map:
+        config["auto_map"] = auto_map
+    else:
+        config.pop("auto_map", None)
+    return config
+
+
 def config_object(config_path: Path | str):
     """The transformers config (the upstream class) of a ``config.json``, read as transformers reads it, so sizes
     come out the way the model reads them (attribute maps such as ``n_head``, multimodal text configs)."""
