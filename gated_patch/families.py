@@ -8,6 +8,7 @@ so their attention classes are checked by name too.
 
 from __future__ import annotations
 
+import re
 from typing import Union
 
 import torch
@@ -38,6 +39,8 @@ def register_model_type(model_type: str, attention_class: Union[str, type], *, d
     """
     if not isinstance(model_type, str) or not model_type:
         raise ValueError(f"model_type must be a non-empty string, got {model_type!r}.")
+    _check_registration(attention_class, decoder_layers=decoder_layers, attention=attention,
+                        output_projection=output_projection)
     if model_type in _FAMILIES and not overwrite:
         raise ValueError(f"Model type {model_type!r} is already registered ({_FAMILIES[model_type]}); pass "
                          "overwrite=True to replace it.")
@@ -45,6 +48,25 @@ def register_model_type(model_type: str, attention_class: Union[str, type], *, d
     _FAMILIES[model_type] = family
     register_checkpoint_classes(model_type, family)
     return family
+
+
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def _check_registration(attention_class, **modules: str) -> None:
+    """Refuse a registration whose data cannot name modules: each error says what a valid value looks like."""
+    if isinstance(attention_class, type):
+        if not issubclass(attention_class, nn.Module):
+            raise ValueError(f"attention_class {attention_class.__name__} is not an nn.Module subclass; pass the "
+                             "attention module class of the family, or its 'module.path:ClassName'.")
+    elif not (isinstance(attention_class, str) and re.fullmatch(r"[\w.]+:[A-Za-z_]\w*", attention_class)):
+        raise ValueError(f"attention_class must be a class or a 'module.path:ClassName' string, got {attention_class!r}.")
+    for name, path in modules.items():
+        parts = path.split(".") if isinstance(path, str) else [None]
+        if not all(isinstance(part, str) and _NAME.fullmatch(part) for part in parts) or (
+                name != "decoder_layers" and len(parts) > 1):
+            shape = "a dotted module path such as 'model.layers'" if name == "decoder_layers" else "a module name"
+            raise ValueError(f"{name} must be {shape}, got {path!r}.")
 
 
 def unregister_model_type(model_type: str) -> None:

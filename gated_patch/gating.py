@@ -91,6 +91,9 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) ->
         raise NotPatchedError(f"{type(model).__name__} has no `{family.decoder_layers}` (the decoder layers of model_type "
                               f"{family.model_type!r}). Pass a causal LM of this family, e.g. "
                               "AutoModelForCausalLM.from_pretrained(...).") from None
+    if not isinstance(layers, nn.ModuleList):
+        raise NotPatchedError(f"`{family.decoder_layers}` of {type(model).__name__} is a {type(layers).__name__}, not the "
+                              f"list of decoder layers (nn.ModuleList); fix the registration of {family.model_type!r}.")
     text_config = model.config.get_text_config()
     try:  # what the config says the gates are: a checkpoint is checked against it before loading
         expected = gate_tensor_shapes(gate, family.gate_modules, model.config)

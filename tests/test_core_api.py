@@ -43,6 +43,7 @@ def test_gate_config_dict_round_trip():
         ({"layers": [0, -1]}, "layers"),
         ({"layers": [1, 1]}, "duplicate"),
         ({"layers": "0,1"}, "layers"),
+        ({"layers": []}, "non-empty list"),  # no gate at all would leave a half-patched model
     ],
 )
 def test_gate_config_rejects_invalid_values(kwargs, fragment):
@@ -270,6 +271,41 @@ def test_layers_out_of_range():
     with pytest.raises(gp.GateConfigError, match=r"out of range.*3 decoder layers"):
         gp.patch_model(model, gp.GateConfig(layers=[0, 3]))
     assert not gp.is_patched(model)
+
+
+@pytest.mark.parametrize("registration, named", [
+    (dict(attention_class=42), "attention_class must be a class or a 'module.path:ClassName' string, got 42"),
+    (dict(attention_class=None), "attention_class must be a class or .* got None"),
+    (dict(attention_class="transformers.models.llama.modeling_llama.LlamaAttention"), "'module.path:ClassName'"),
+    (dict(attention_class=torch.Tensor), "attention_class Tensor is not an nn.Module subclass"),
+    (dict(decoder_layers=""), "decoder_layers must be a dotted module path such as 'model.layers', got ''"),
+    (dict(decoder_layers=None), "decoder_layers must be a dotted module path"),
+    (dict(attention="self_attn.o_proj"), "attention must be a module name, got 'self_attn.o_proj'"),
+    (dict(output_projection=None), "output_projection must be a module name, got None"),
+    (dict(output_projection="o-proj"), "output_projection must be a module name"),
+])  # fmt: skip
+def test_a_malformed_registration_is_refused_and_changes_nothing(registration, named):
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    before = gp.get_model_family("llama")
+    with pytest.raises(ValueError, match=named):
+        gp.register_model_type("llama", **{"attention_class": LlamaAttention, **registration}, overwrite=True)
+    assert gp.get_model_family("llama") == before
+
+
+def test_decoder_layers_that_are_not_a_module_list_are_refused_before_anything_changes():
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    model = tiny_model("llama")
+    model.config.model_type = "odd_llama"
+    gp.register_model_type("odd_llama", LlamaAttention, decoder_layers="lm_head")
+    try:
+        with pytest.raises(gp.NotPatchedError, match=r"`lm_head` of LlamaForCausalLM is a Linear, not the list of "
+                                                     r"decoder layers \(nn\.ModuleList\); fix the registration"):
+            gp.patch_model(model)
+    finally:
+        gp.unregister_model_type("odd_llama")
+    assert not gp.is_patched(model) and type(model).__name__ == "LlamaForCausalLM"
 
 
 def test_attention_without_the_expected_structure_is_refused():

@@ -37,10 +37,10 @@ class GateConfig:
                 raise GateConfigError(f"GateConfig.{name}={getattr(self, name)!r} is invalid; choose one of {list(choices)}.")
         if not isinstance(self.bias, bool):
             raise GateConfigError(f"GateConfig.bias must be a bool, got {self.bias!r}.")
-        layers = self.layers
-        if layers is not None and (isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or any(
-                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) < len(layers)):
-            raise GateConfigError(f"GateConfig.layers must be None (every layer) or a list of layer indices >= 0, no duplicates; got {layers!r}.")
+        if (layers := self.layers) is not None and (isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not
+                layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) < len(layers)):
+            raise GateConfigError(f"GateConfig.layers must be None (every layer) or a non-empty list of layer indices >= 0, "
+                                  f"no duplicates; got {layers!r}.")
         object.__setattr__(self, "layers", None if layers is None else tuple(sorted(layers)))
         # Derived (not fields): offset 1 for identity SiLU (silu(0) = 0), scale 1 / activation(offset) for identity.
         z = 1.0 if self.init == "identity" and self.activation == "silu" else 0.0
