@@ -286,12 +286,16 @@ def check_remote(rows: list[dict], workdir: Path) -> None:
 def run(model_types, progress: bool = True) -> list[dict]:
     warnings.filterwarnings("ignore")
     logging.set_verbosity_error()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        rows = [check_family(model_type, workdir) for model_type in tqdm(model_types, desc="families",
-                                                                             disable=not progress)]
-        check_remote(rows, workdir)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            rows = [check_family(model_type, workdir) for model_type in tqdm(model_types, desc="families",
+                                                                                 disable=not progress)]
+            check_remote(rows, workdir)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (the tests) gets its threads back
     for row in rows:
         row.pop("checkpoint", None)
     return rows

@@ -70,6 +70,7 @@ BLOCK_GATED_PATCH = textwrap.dedent(
 SCRIPT = BLOCK_GATED_PATCH + textwrap.dedent(
     """
     checkpoints, ids, out = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
+    torch.set_num_threads(int(sys.argv[5]))  # the parent's: reductions (MoE experts) split by thread count
     results = {}
     for family in json.loads(sys.argv[4]):
         path = f"{checkpoints}/{family}"
@@ -169,7 +170,8 @@ def test_loads_without_plugin_only_with_trust_remote_code(tmp_path, runtime_fami
     del tensors["model.layers.0.self_attn.attn_gate.bias"]
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
 
-    stdout = _run(tmp_path, SCRIPT, str(checkpoints), json.dumps(IDS), str(out), json.dumps(families))
+    stdout = _run(tmp_path, SCRIPT, str(checkpoints), json.dumps(IDS), str(out), json.dumps(families),
+                  str(torch.get_num_threads()))
     results = json.loads(stdout.split("RESULTS ", 1)[1])
     for family in families:
         untrusted = results[family + ":untrusted"]
