@@ -216,6 +216,28 @@ def test_bad_gate_tensor_in_a_sharded_checkpoint_names_its_shard(checkpoints, tm
     assert_convert_refused(directory, shard, capsys, *EXPORT, fragments=("dtype I8",))
 
 
+@pytest.mark.parametrize("weights_name, variant", [("pytorch_model.bin", None), ("model.fp16.safetensors", "fp16"),
+                                                   ("pytorch_model.fp16.bin", "fp16")])
+def test_a_bad_gate_tensor_is_refused_in_pickled_weights_and_variants_too(checkpoints, tmp_path, weights_name, variant):
+    """The pre-load check reads the weights transformers will read: pickled ones, and those of the variant asked for
+    (a plain model.safetensors beside a variant is not the file checked)."""
+    directory = copy(checkpoints, "gated", tmp_path)
+    tensors = load_file(directory / "model.safetensors")
+    tensors[GATE] = tensors[GATE].to(torch.int32)
+    bad = directory / weights_name
+    if weights_name.endswith(".bin"):
+        torch.save(tensors, bad)
+        (directory / "model.safetensors").unlink()  # transformers prefers safetensors
+    else:
+        save_file(tensors, bad, metadata={"format": "pt"})  # the pristine model.safetensors stays beside it
+    before = tree_digest(directory)
+    with pytest.raises(GatedPatchError, match=r"non-float dtype .*dtype I32") as info:
+        AutoModelForCausalLM.from_pretrained(directory, variant=variant)
+    assert str(bad) in str(info.value) and tree_digest(directory) == before
+    if variant is not None and weights_name.endswith(".safetensors"):
+        assert gated_patch.is_patched(AutoModelForCausalLM.from_pretrained(directory))  # no variant: the good file
+
+
 # ------------------------------------------------------------------------------------------------- gate config section
 
 @pytest.mark.parametrize(

@@ -99,13 +99,25 @@ class WeightFiles:
 
     @property
     def pickled(self) -> bool:
-        return self.listing.name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+        return all(path.suffix == ".bin" for path in self.files)  # pytorch_model[.variant].bin and its shards
 
 
-def find_weight_files(directory: Path) -> Optional[WeightFiles]:
+def with_variant(name: str, variant: Optional[str]) -> str:
+    """A weight file's name for a ``from_pretrained(..., variant=...)`` load, as transformers names it:
+    ``model.safetensors`` -> ``model.fp16.safetensors``, ``model.safetensors.index.json`` ->
+    ``model.safetensors.index.fp16.json``."""
+    if not variant:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def find_weight_files(directory: Path, variant: Optional[str] = None) -> Optional[WeightFiles]:
     """The weight files of `directory` (``model.safetensors`` first, as in transformers, then the safetensors index,
-    then pickled ``pytorch_model.bin`` weights), every listed file present; None when it has none of them."""
+    then pickled ``pytorch_model.bin`` weights; of `variant`, if given), every listed file present; None when it has
+    none of them."""
     for single, index in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        single, index = with_variant(single, variant), with_variant(index, variant)
         if (directory / single).is_file():
             return WeightFiles([directory / single], directory / single, None)
         if (directory / index).is_file():

@@ -14,7 +14,7 @@ from transformers.utils import CONFIG_NAME
 from ..core.checkpoint import GATE_CONFIG_KEY, gate_modules_of
 from ..core.config import GateConfig
 from ..core.errors import GateConfigError, GatedCheckpointError
-from .files import FLOAT_DTYPES, check_index, find_weight_files, read_json, read_safetensors_header
+from .files import FLOAT_DTYPES, SourceShard, check_index, find_weight_files, read_json, read_safetensors_header
 from .format import config_object, gate_tensor_shapes, is_gate_tensor, is_gated_model_type
 
 
@@ -77,8 +77,9 @@ def check_gate_tensors(gate: GateConfig, modules: Mapping[str, str], config_path
             "from the patched model or re-convert it; it is not loaded with made-up gates.")
 
 
-def check_local_checkpoint(directory: Path | str) -> None:
-    """Validate a local gated checkpoint directory before loading it (no-op for anything else)."""
+def check_local_checkpoint(directory: Path | str, variant: str | None = None) -> None:
+    """Validate a local gated checkpoint directory (the weights of `variant`, as ``from_pretrained`` reads them)
+    before loading it (no-op for anything else)."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
@@ -87,12 +88,19 @@ def check_local_checkpoint(directory: Path | str) -> None:
     if not is_gated_model_type(config.get("model_type")):
         return
     gate, modules = gate_config_from(config, config_path)
-    weights = find_weight_files(directory)
-    if weights is None or weights.pickled:  # transformers reads pickled weights itself (weights_only=True)
+    weights = find_weight_files(directory, variant)
+    if weights is None:
         return
     entries, files = {}, {}
     for path in weights.files:
-        for name, info in read_safetensors_header(path).items():
-            entries[name], files[name] = (info["dtype"], tuple(info["shape"])), path
+        if weights.pickled:  # read as transformers reads them: weights_only=True
+            try:
+                found = SourceShard(path, allow_pickle=True).entries
+            except GatedCheckpointError:  # e.g. the legacy format, which cannot be memory-mapped: transformers
+                return  # reads and reports it, and the check after loading still runs
+        else:
+            found = {name: (info["dtype"], tuple(info["shape"])) for name, info in read_safetensors_header(path).items()}
+        for name, entry in found.items():
+            entries[name], files[name] = entry, path
     check_index(weights, files)
     check_gate_tensors(gate, modules, config_path, entries, files, weights.listing)
