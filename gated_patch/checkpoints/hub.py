@@ -24,7 +24,8 @@ def check_pushable(folder: Path) -> dict:
     model_type = config.get("model_type")
     if is_gated_model_type(model_type):
         weights = find_weight_files(folder)  # an index whose shards are missing raises, naming the shard
-        missing = [] if weights is not None and not weights.pickled else [f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}"]
+        safetensors = weights is not None and not weights.pickled
+        missing = [] if safetensors else [f"{SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}"]
         missing += [] if (folder / REMOTE_CODE_FILE).exists() else [REMOTE_CODE_FILE]
         missing += [f"{CONFIG_NAME}:{GATE_CONFIG_KEY}"] if GATE_CONFIG_KEY not in config else []
         if missing:

@@ -71,7 +71,8 @@ class GatedCheckpointLoader:
     def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
         local = Path(str(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
         if local.is_dir() and not kwargs.get("gguf_file"):
-            check_local_checkpoint(local, kwargs.get("variant"))  # before transformers reads a tensor: every error names the file at fault
+            # before transformers reads a tensor, the files it will read: every error names the file at fault
+            check_local_checkpoint(local, kwargs.get("variant"))
         return load_checked(cls.builder().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod

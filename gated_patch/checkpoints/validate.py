@@ -14,7 +14,7 @@ from transformers.utils import CONFIG_NAME
 from ..core.checkpoint import GATE_CONFIG_KEY, gate_modules_of
 from ..core.config import GateConfig
 from ..core.errors import GateConfigError, GatedCheckpointError
-from .files import FLOAT_DTYPES, SourceShard, check_index, find_weight_files, read_json, read_safetensors_header
+from .files import FLOAT_DTYPES, find_weight_files, open_shards, read_json
 from .format import config_object, gate_tensor_shapes, is_gate_tensor, is_gated_model_type
 
 
@@ -91,16 +91,13 @@ def check_local_checkpoint(directory: Path | str, variant: str | None = None) ->
     weights = find_weight_files(directory, variant)
     if weights is None:
         return
-    entries, files = {}, {}
-    for path in weights.files:
-        if weights.pickled:  # read as transformers reads them: weights_only=True
-            try:
-                found = SourceShard(path, allow_pickle=True).entries
-            except GatedCheckpointError:  # e.g. the legacy format, which cannot be memory-mapped: transformers
-                return  # reads and reports it, and the check after loading still runs
-        else:
-            found = {name: (info["dtype"], tuple(info["shape"])) for name, info in read_safetensors_header(path).items()}
-        for name, entry in found.items():
-            entries[name], files[name] = entry, path
-    check_index(weights, files)
+    try:  # headers only; pickled weights read as transformers reads them (weights_only=True), checked against the index
+        _, by_name = open_shards(weights, allow_pickle=True)
+    except GatedCheckpointError:
+        if not weights.pickled:
+            raise
+        return  # e.g. the legacy pickle format, which cannot be memory-mapped: transformers reads and reports it, and
+        # the check after loading still runs
+    entries = {name: shard.entries[name] for name, shard in by_name.items()}
+    files = {name: shard.path for name, shard in by_name.items()}
     check_gate_tensors(gate, modules, config_path, entries, files, weights.listing)
