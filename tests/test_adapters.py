@@ -253,6 +253,25 @@ def test_verify_adapter_loaded_catches_silently_dropped_gates(tmp_path):
         verify_adapter_loaded(dropped, tmp_path)
 
 
+@pytest.mark.parametrize("peft_warnings", ["error", "ignore"])
+def test_gate_checks_hold_whether_peft_warns_or_not(tmp_path, peft_warnings):
+    """The refusals come from the gate record and the tensors, before PEFT loads anything: turning PEFT's own
+    warnings into errors, or silencing them, changes nothing."""
+    import warnings
+
+    peft_model = get_gated_peft_model(patched(), gate_only_config(route="modules_to_save"))
+    peft_model.save_pretrained(tmp_path / "recorded")
+    peft_model.save_pretrained(tmp_path / "plain")
+    (tmp_path / "plain" / SIDECAR_NAME).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter(peft_warnings)
+        with pytest.raises(GatedAdapterError, match=f"lacks the gate modules .*self_attn.{GATE}"):
+            load_gated_adapter(tiny_model("llama"), tmp_path / "recorded", patch_base=False)
+        with pytest.raises(GatedAdapterError, match="has no gated_patch_adapter.json"):
+            load_gated_adapter(tiny_model("llama"), tmp_path / "plain")
+        assert any(GATE in n for n, _ in load_gated_adapter(tiny_model("llama"), tmp_path / "recorded").named_parameters())
+
+
 def test_base_patched_with_other_config_raises(trained):
     _, directory, _ = trained
     with pytest.raises(GatedAdapterError, match="headwise"):

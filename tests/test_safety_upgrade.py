@@ -166,3 +166,55 @@ def test_supported_range_is_stated_consistently():
     oldest = (ROOT / ".ci" / "oldest-transformers").read_text()
     assert "MIN_TRANSFORMERS" in oldest  # the CI step tests exactly the stated minimum
     assert gated_patch.__version__
+
+
+# ------------------------------------------------------------------------------------------------------------- PEFT
+@pytest.fixture
+def fresh_peft_check():
+    from gated_patch.adapters import peft_api
+
+    peft_api.check_peft.cache_clear()
+    yield peft_api
+    peft_api.check_peft.cache_clear()
+
+
+def test_peft_range_is_stated_consistently(fresh_peft_check):
+    """setup.cfg, the runtime check and the oldest suite name the same PEFT range; the installed PEFT passes."""
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    requirement = next(line.strip() for line in parser["options"]["install_requires"].splitlines()
+                       if line.strip().startswith("peft"))
+    low, high = fresh_peft_check.MIN_PEFT, fresh_peft_check.MAX_PEFT
+    assert requirement == f"peft>={'.'.join(low.split('.')[:2])},<{'.'.join(high.split('.')[:2])}"
+    fresh_peft_check.check_peft()
+    assert "MIN_PEFT" in (ROOT / ".ci" / "oldest-transformers").read_text()
+
+
+@pytest.mark.parametrize("version", ["0.20.3", "1.0.0"])
+def test_peft_outside_the_range_is_refused_before_any_adapter_is_made(fresh_peft_check, monkeypatch, version):
+    import peft
+
+    monkeypatch.setattr(peft, "__version__", version)
+    model = patch_model(tiny_model("llama"))
+    for call in (gated_patch.gate_only_config, lambda: gated_patch.get_gated_peft_model(model, None)):
+        with pytest.raises(UpstreamStructureError, match=rf"supports peft>=0\.21\.0,<1\.0\.0; peft {version} is installed"):
+            call()
+    assert not hasattr(model, "peft_config")
+
+
+@pytest.mark.parametrize("internal", ["LNTuningLayer", "ModulesToSaveWrapper", "DUMMY_TARGET_MODULES", "peft_config",
+                                      "is_main_process"])
+def test_a_moved_peft_internal_is_refused_naming_it(fresh_peft_check, monkeypatch, internal):
+    """A PEFT release that renamed or changed an internal the recipes use: refused, naming it and the fix."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if internal == "peft_config":  # BaseTuner.__init__ no longer hands the configs to the model
+        monkeypatch.setattr(BaseTuner, "__init__", lambda self, model, peft_config, adapter_name="default": None)
+    elif internal == "is_main_process":
+        monkeypatch.setattr(PeftModel, "save_pretrained", lambda self, save_directory, **kwargs: None)
+    else:
+        monkeypatch.setattr(fresh_peft_check, internal, None)
+    with pytest.raises(UpstreamStructureError, match=rf"lacks what gated_patch's gate recipes rely on: .*{internal}") as info:
+        gated_patch.gate_only_config()
+    assert "pip install 'peft>=0.21.0,<1.0.0'" in str(info.value)

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
-from peft import LNTuningConfig, LoraConfig
-from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
 from ..checkpoints.files import find_weight_files, open_shards
 from ..core.attention import GATE_MODULE_NAME
 from ..patching import gate_config, is_patched
+from .peft_api import DUMMY_TARGET_MODULES, LNTuningConfig, LoraConfig, check_peft
 from .record import GatedAdapterError, base_gate_tensors, gate_module_names
 
 GATE_ONLY_ROUTES = ("ln_tuning", "modules_to_save")
@@ -48,6 +47,7 @@ def gate_only_config(*, route: str = "ln_tuning", task_type: Optional[str] = "CA
         task_type: PEFT task type (``"CAUSAL_LM"`` gives a `PeftModelForCausalLM`).
         kwargs: further fields of the underlying PEFT config.
     """
+    check_peft()
     if route == "ln_tuning":
         return LNTuningConfig(target_modules=[GATE_MODULE_NAME], task_type=task_type, **kwargs)
     if route == "modules_to_save":
@@ -90,6 +90,7 @@ def gates_and_lora_config(
     which here excludes the gate). ``None`` or an empty list is refused: PEFT would pick default targets or raise.
     Note: the MLP's ``gate_proj`` is not the attention gate (``attn_gate``); naming it adds LoRA on the MLP.
     """
+    check_peft()
     if target_modules is None or (not isinstance(target_modules, str) and len(list(target_modules)) == 0):
         raise GatedAdapterError(
             f"gates_and_lora_config(target_modules={target_modules!r}): name the projections that get LoRA, e.g. "
@@ -136,6 +137,7 @@ def gate_lora_config(
     base gates. `model` (the patched base) is checked: its gates must be at their identity init (rebuilt exactly by
     `patch_model`) or equal to the gates stored in the checkpoint it was loaded from. Otherwise `GatedAdapterError`.
     """
+    check_peft()
     check_gates_reproducible(model)
     extra = [m for m in target_modules if m != GATE_MODULE_NAME]
     return LoraConfig(

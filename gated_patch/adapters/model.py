@@ -13,11 +13,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
-from peft.tuners.ln_tuning.layer import LNTuningLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict
-from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from transformers.utils import logging
 
@@ -28,6 +23,8 @@ from ..core.config import GateConfig
 from ..core.errors import NotPatchedError
 from ..patching import gate_config, is_patched, patch_model, unpatch_model
 from .configs import check_gates_reproducible
+from .peft_api import (BaseTunerLayer, LNTuningLayer, ModulesToSaveWrapper, PeftConfig, PeftModel, check_peft,
+                       get_peft_model, get_peft_model_state_dict, load_peft_weights)
 from .record import (
     FORMAT,
     FORMAT_VERSION,
@@ -51,6 +48,7 @@ _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # ----------------------------------------------------------------------------------------------------------- saving
 def gate_storage(peft_model: PeftModel, adapter_name: str) -> str:
     """How adapter `adapter_name` stores the gates: whole tensors, a LoRA-style delta, or not at all."""
+    check_peft()
     return _gate_storage(peft_model.get_base_model(), adapter_name)
 
 
@@ -140,6 +138,7 @@ def bind_gate_records(model: nn.Module, configs: dict[str, PeftConfig]) -> None:
     unbound = [name for name, config in configs.items() if _bound_model(config) is not model]
     if not unbound or not is_patched(model):
         return
+    check_peft()
     gates = base_gate_tensors(model)
     sha = None if any(tensor.is_meta for tensor in gates.values()) else fingerprint(gates)  # meta: when saving
     for adapter_name in unbound:
@@ -210,6 +209,7 @@ def get_gated_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name
 
     Refuses an unpatched model, and LoRA on gates that could not be rebuilt exactly on load.
     """
+    check_peft()
     if not is_patched(model):
         raise NotPatchedError(
             f"get_gated_peft_model needs a patched model; {type(model).__name__} has no attention gates. "
@@ -234,15 +234,10 @@ def _local_adapter_dir(adapter: Union[str, os.PathLike], revision: Optional[str]
 
 
 def _adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
-    for name in _WEIGHT_FILES:
-        file = directory / name
-        if file.is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(str(file))
-            return torch.load(str(file), map_location="cpu", weights_only=True)
-    raise GatedAdapterError(f"{directory} holds no adapter weights ({' or '.join(_WEIGHT_FILES)}).")
+    """The tensors of an adapter directory, read by PEFT's `load_peft_weights` (pickled weights with weights_only)."""
+    if not any((directory / name).is_file() for name in _WEIGHT_FILES):
+        raise GatedAdapterError(f"{directory} holds no adapter weights ({' or '.join(_WEIGHT_FILES)}).")
+    return load_peft_weights(str(directory), device="cpu")
 
 
 def _short_list(names: list[str], limit: int = 3) -> str:
@@ -338,6 +333,7 @@ def _check_base_fits(base: nn.Module, directory: Path, adapter: str, *, patch_ba
 
 def verify_adapter_loaded(peft_model: PeftModel, adapter_dir: Union[str, os.PathLike], adapter_name: str = "default") -> None:
     """Raise `GatedAdapterError` unless every tensor in the adapter file is in the model with the same value."""
+    check_peft()
     directory = Path(adapter_dir)
     stored = _adapter_weights(directory)
     current = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
@@ -377,6 +373,7 @@ def load_gated_adapter(
     Raises `GatedAdapterError` when the adapter cannot load onto `model` without losing gate tensors, and after
     loading unless every tensor of the adapter file is in the model.
     """
+    check_peft()
     directory = _local_adapter_dir(adapter, revision)
     name = str(adapter)
     if isinstance(model, PeftModel):
