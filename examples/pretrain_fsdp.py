@@ -87,6 +87,7 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps({"processes": world, "losses": losses}, indent=1))
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; gated checkpoint in {out / 'checkpoint'}")
     if distributed:
+        dist.barrier()  # both ranks leave together: no rank tears down while its peer is still saving
         dist.destroy_process_group()
     return 0
 

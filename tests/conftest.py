@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -84,10 +86,24 @@ def run_example(name: str, argv: list[str]) -> int:
         torch.set_num_threads(threads)
 
 
-def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2`` with this interpreter (gloo on CPU)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent)
+def single_threaded_env() -> dict:
+    """The environment of a one-process reference run: one thread, as torchrun gives each of its workers, so both
+    runs multiply in the same order."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2`` with this interpreter (gloo on CPU), on the loopback interface only.
+
+    The rendezvous store gets a free port from the OS (port 0, as ``--standalone``), and the workers reach it and
+    each other at 127.0.0.1 (``--local-addr``, ``GLOO_SOCKET_IFNAME=lo``) rather than through whatever the host name
+    resolves to.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", uuid.uuid4().hex,
+               "--local-addr", "127.0.0.1", *args]
+    env = {**single_threaded_env(), "GLOO_SOCKET_IFNAME": "lo"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent, env=env)
 
 
 def randomize_gates(model, seed: int = 1, std: float = 0.5) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun
+from conftest import single_threaded_env, torchrun
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -23,7 +23,7 @@ SMALL = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--d-model", "6
 @pytest.mark.slow  # two processes
 def test_fsdp_pretraining_equals_one_process(tmp_path):
     one = subprocess.run([sys.executable, str(EXAMPLE), *SMALL, "--output-dir", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600, env=single_threaded_env())
     assert one.returncode == 0, one.stderr[-3000:]
     sharded = torchrun(str(EXAMPLE), *SMALL, "--output-dir", str(tmp_path / "fsdp"))
     assert sharded.returncode == 0, sharded.stderr[-3000:]
