@@ -23,7 +23,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig, PreTraine
 from .checkpoints.format import auto_model_names, family_of, is_gated_model_type
 from .checkpoints.saving import gated_model_class
 from .core.errors import GatedCheckpointError, UpstreamStructureError
-from .core.model import GatedPreTrainedMixin, gated_config_class, original_class
+from .core.model import GatedPreTrainedMixin, gated_config_class
 
 _HUB_ARGUMENTS = ("cache_dir", "force_download", "proxies", "token", "revision", "subfolder", "local_files_only")
 
@@ -37,12 +37,7 @@ class GatedAutoLoader:
 
     @classmethod
     def model_class(cls) -> type:
-        upstream, family = getattr(transformers, cls.upstream_name), original_class(cls.config_class)
-        if getattr(upstream, "config_class", None) is not family:
-            raise GatedCheckpointError(f"{cls.upstream_name} is not a {family.model_type} model (its config is "
-                                       f"{getattr(upstream, 'config_class', None)}), so it has no gated form; load the "
-                                       "checkpoint with another Auto class, e.g. AutoModelForCausalLM.")
-        return gated_model_class(upstream)
+        return gated_model_class(getattr(transformers, cls.upstream_name))
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):

@@ -69,17 +69,24 @@ def family_heads(model_type: str) -> dict[str, str]:
 
 
 def auto_built_classes(config_class: type) -> dict[str, type]:
-    """``{Auto class name: model class}`` for every Auto class that builds a model of the family of `config_class`
-    (one whose ``config_class`` it is: transformers' own families and run-time registrations; imports modeling code)."""
+    """``{Auto class name: model class}`` for every Auto class that builds a model from `config_class` (transformers'
+    own families and run-time registrations; imports modeling code). The class may be another family's (``internlm3``
+    configs build ``LlamaForCausalLM``)."""
     built = {}
     for auto in auto_model_names():
         try:
             model_class = getattr(transformers, auto)._model_mapping[config_class]
         except (KeyError, ValueError, AttributeError):
             continue
-        if getattr(model_class, "config_class", None) is config_class:
-            built[auto] = model_class
+        built[auto] = model_class
     return built
+
+
+def remote_class_name(model_name: str, config_class: type) -> str:
+    """The remote code's name of the gated `model_name` built from `config_class`: ``Gated<Model>``, or
+    ``Gated<Model>__<Config>`` when the class is another family's (its gated config class must match the checkpoint's)."""
+    own = getattr(getattr(transformers, model_name, None), "config_class", None) is config_class
+    return f"Gated{model_name}" if own else f"Gated{model_name}__{config_class.__name__}"
 
 
 def gated_config_entries(config_class: type, model_class: type, gate: GateConfig,
@@ -101,7 +108,7 @@ def gated_config_entries(config_class: type, model_class: type, gate: GateConfig
         "model_type": GATED_PREFIX + config_class.model_type,
         "architectures": [f"Gated{model_name}"],  # what save_pretrained of the patched model writes, too
         "auto_map": {**kept, "AutoConfig": f"{REMOTE_MODULE}.Gated{config_name}",  # the remote code's class names
-                     **{auto: f"{REMOTE_MODULE}.Gated{name}" for auto, name in sorted(heads.items())}},
+                     **{auto: f"{REMOTE_MODULE}.{remote_class_name(name, config_class)}" for auto, name in sorted(heads.items())}},
         GATE_CONFIG_KEY: gate.to_dict(),
         GATE_MODULES_KEY: dict(modules),
     }

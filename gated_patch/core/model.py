@@ -8,6 +8,7 @@ transformers fetches those from this module by name (`__getattr__` below), so on
 from __future__ import annotations
 
 import sys
+from functools import reduce
 from typing import Any, Callable, Optional
 
 import transformers
@@ -15,7 +16,7 @@ from torch import nn
 
 from .config import GateConfig
 from .errors import GatedCheckpointError
-from .gate import AttentionGateLinear, is_gate_name
+from .gate import GATE_MODULE_NAME, AttentionGateLinear
 from .hooks import attach_gate
 from .parallel import add_gate_tp_plan, check_gate_sharding
 
@@ -41,14 +42,15 @@ def gate_modules_of(config: Any) -> dict[str, str]:
 
 
 def decoder_layers_path(model: nn.Module, path: str) -> str:
-    """`path`, the decoder layers of the class a checkpoint was saved from, as seen from `model` (another head).
+    """`path`, the decoder layers of the class a checkpoint was saved from, as seen from `model` (any head of it).
 
-    The base model's own path has no prefix: ``model.layers`` of a causal LM is ``layers`` of its base model.
+    The layers are in the base model, which each head holds under its own prefix (``model.layers`` of a causal LM is
+    ``layers`` of its base model and ``transformer.layers`` of a head whose prefix is ``transformer``).
     """
-    prefix = model.base_model_prefix
-    if not hasattr(model, prefix):  # the base model itself
-        return path.removeprefix(f"{prefix}.")
-    return path if hasattr(model, path.split(".")[0]) else f"{prefix}.{path}"
+    base, parts = model.base_model, path.split(".")
+    inner = next((".".join(parts[i:]) for i in range(len(parts))
+                  if reduce(lambda module, name: getattr(module, name, None), parts[i:], base) is not None), path)
+    return inner if base is model else f"{model.base_model_prefix}.{inner}"
 
 
 def gated_attention_paths(model: nn.Module, gate: GateConfig, modules: dict[str, str]) -> list[str]:
@@ -78,14 +80,15 @@ def load_checked(load, pretrained_model_name_or_path, *args, **kwargs):
     want_info = kwargs.pop("output_loading_info", False)  # wrong shapes are reported below, naming the tensors
     model, info = load(pretrained_model_name_or_path, *args, **{**kwargs, "output_loading_info": True,
                                                                  "ignore_mismatched_sizes": True})
-    same_head = getattr(model.config, "architectures", None) in (None, [type(model).__name__])
+    same_head = getattr(model.config, "architectures", None) in (None, [type(model).__name__.partition("__")[0]])
     found = {"missing": info["missing_keys"], "unused": info["unexpected_keys"], "wrong-shaped": [
         f"{n} (checkpoint {tuple(a)}, model {tuple(b)})" for n, a, b in info["mismatched_keys"]]}
     problems = [f"{what} tensors {kept[:4]}{' ...' if len(kept) > 4 else ''}" for what, names in found.items()
-                if (kept := sorted(n for n in names if same_head or is_gate_name(n)))]
+                if (kept := sorted(n for n in names if same_head or f".{GATE_MODULE_NAME}." in f".{n}"))]
     if problems:
-        raise GatedCheckpointError(f"Gated checkpoint {pretrained_model_name_or_path}: {'; '.join(problems)}. A truncated or "
-                                   "hand-edited checkpoint? Re-save or re-convert it; it is not loaded with made-up weights.")
+        raise GatedCheckpointError(f"Gated checkpoint {pretrained_model_name_or_path}: {'; '.join(problems)}: truncated or edited "
+                                   "(re-save or re-convert it), or saved from a class that names its weights otherwise "
+                                   "(load it with that class)? It is never loaded with made-up weights.")
     check_gate_sharding(model)
     return (model, info) if want_info else model
 
@@ -140,10 +143,11 @@ def gated_config_class(upstream: type) -> type:
 
 
 def __getattr__(name: str) -> type:
-    """``Gated<X>`` for every transformers config or model class ``<X>``: the names a gated checkpoint's ``auto_map`` gives."""
-    upstream = getattr(transformers, name[len("Gated"):], None) if name.startswith("Gated") else None
+    """``Gated<X>`` for every transformers config or model class ``<X>`` (``Gated<X>__<Config>``: built from ``<Config>``)."""
+    stem, _, config = name[len("Gated"):].partition("__") if name.startswith("Gated") else ("", "", "")
+    upstream, config = getattr(transformers, stem, None), getattr(transformers, config, None)
     if isinstance(upstream, type) and issubclass(upstream, transformers.PretrainedConfig):
         return gated_config_class(upstream)
     if isinstance(upstream, type) and issubclass(upstream, transformers.PreTrainedModel):  # any head of the family
-        return gated_subclass(upstream, GatedPreTrainedMixin, config_class=gated_config_class(upstream.config_class))
+        return gated_subclass(upstream, GatedPreTrainedMixin, name, config_class=gated_config_class(config or upstream.config_class))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
