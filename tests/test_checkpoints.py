@@ -203,8 +203,7 @@ def test_loaded_as_another_head_only_the_gate_tensors_are_held_to_the_checkpoint
     head_change = {"missing_keys": {"score.weight"}, "unexpected_keys": {"lm_head.weight"}, "mismatched_keys": set()}
     model = LoadedHead(["GatedLlamaForCausalLM"])
     assert load_checked(lambda *args, **kwargs: (model, head_change), "ckpt") is model
-    with pytest.raises(GatedCheckpointError, match=r"missing tensors \['model.layers.0.self_attn.attn_gate.weight'\]$|"
-                                                   r"missing tensors \['model.layers.0.self_attn.attn_gate.weight'\]\."):
+    with pytest.raises(GatedCheckpointError, match=r"missing tensors \['model.layers.0.self_attn.attn_gate.weight'\]: "):
         load_checked(lambda *args, **kwargs: (model, {**head_change, "missing_keys": {
             "score.weight", "model.layers.0.self_attn.attn_gate.weight"}}), "ckpt")
     with pytest.raises(GatedCheckpointError, match="missing tensors .'score.weight'."):  # the same head: every tensor

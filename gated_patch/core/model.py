@@ -49,8 +49,8 @@ def decoder_layers_path(model: nn.Module, path: str) -> str:
     """
     base, parts = model.base_model, path.split(".")
     inner = next((".".join(parts[i:]) for i in range(len(parts))
-                  if reduce(lambda module, name: getattr(module, name, None), parts[i:], base) is not None), path)
-    return inner if base is model else f"{model.base_model_prefix}.{inner}"
+                  if reduce(lambda module, name: getattr(module, name, None), parts[i:], base) is not None), None)
+    return path if inner is None else inner if base is model else f"{model.base_model_prefix}.{inner}"
 
 
 def gated_attention_paths(model: nn.Module, gate: GateConfig, modules: dict[str, str]) -> list[str]:
