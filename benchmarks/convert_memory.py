@@ -35,7 +35,7 @@ RESULTS = HERE / "results"
 # VmHWM (peak RSS of this process image); ru_maxrss would carry over the parent's peak across fork + exec
 PEAK = "print('PEAK_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
 SCRIPTS = {
-    "baseline": "import gated_patch, gated_patch.checkpoints.convert\n",
+    "baseline": "import gated_patch, conversion.convert\n",
     "convert": (
         "import sys; from conversion.convert import main\n"
         "assert main([sys.argv[1], sys.argv[2], '--no-progress', '--overwrite']) == 0\n"

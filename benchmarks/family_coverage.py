@@ -45,7 +45,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging
 
 import gated_patch as gp
-from gated_patch.core.attention import is_gated_attention
+from gated_patch.core.hooks import is_gated_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "families.md"
@@ -347,7 +347,7 @@ def main(argv=None) -> list[dict]:
     for row in rows:
         print(f"{row['model_type']:28} {row['outcome']:10} {row['detail'][:110]}")
     if not args.model_types:
-        from gated_patch.checkpoints.files import atomic_write, write_json
+        from gated_patch.files import atomic_write, write_json
 
         atomic_write(DOC, markdown(rows, seconds))
         write_json(RESULTS, {"transformers": transformers.__version__, "torch": torch.__version__,

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gated_patch.checkpoints.files import atomic_write, write_json
+from gated_patch.files import atomic_write, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "finetune_gates.py"

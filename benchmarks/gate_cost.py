@@ -424,7 +424,7 @@ def summarise(key: str, samples: dict, config, args, done: dict) -> dict:
             "cpu_s": s.get("run_cpu", s["cpu"]),
             "flop_ratio": workload_flop_ratio(config, VARIANTS[name], key, args),
         }
-        if decode:
+        if decode and args.record_steps:  # every step's time: large; the medians and paired ratio summarise them
             entry[name]["step_wall_s"], entry[name]["step_cpu_s"] = s["wall"], s["cpu"]
     ref = entry[BASE] if BASE in entry else done["train_full"][BASE]
     for name, e in entry.items():
@@ -560,6 +560,7 @@ def parse_args(argv=None):
     p.add_argument("--train-batch", type=int, default=8, help="0 to skip training")
     p.add_argument("--train-len", type=int, default=256)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
+    p.add_argument("--record-steps", action="store_true", help="also write every decode step's time to the JSON")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions of every workload first")
     p.add_argument("--seed", type=int, default=0)

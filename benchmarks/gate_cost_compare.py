@@ -1,7 +1,7 @@
 """The gate cost of two versions of gated_patch, measured back to back on the same machine.
 
-The old version is a source tree extracted from a git revision (``--old-rev``; only its ``gated_patch/`` directory),
-the new one is the working tree. `gate_cost.py` (this folder's, the same script for both) runs in a fresh subprocess
+The old version is a source tree extracted from a git revision (``--old-rev REV``, required; only its ``gated_patch/``
+directory), the new one is the working tree. `gate_cost.py` (this folder's, the same script for both) runs in a fresh subprocess
 per measurement with ``PYTHONPATH=<tree>``, alternating old and new code for ``--rounds`` rounds, the order
 alternating between rounds (old, new / new, old / ...). Each subprocess checks that ``gated_patch`` is imported from
 its tree (an editable install of the package must not win) and exits with an error otherwise; the check is repeated
@@ -12,13 +12,12 @@ CPU-time ratio (each round's ratio is itself a median over that run's repetition
 over rounds (min - max). A difference new - old counts as beyond the spread when it is larger than the larger of the
 two spreads. Decode workloads also get the paired-step ratio.
 
-Output: a JSON file with every sample and the machine info, a Markdown table on stdout and, when docs/performance.md
-exists with the markers `<!-- gate-cost-compare:start -->` and `<!-- gate-cost-compare:end -->`, the table written
-between them (not in --quick runs).
+Output: a JSON file with every sample and the machine info (under outputs/ unless --out), and a Markdown table on
+stdout.
 
-    python benchmarks/gate_cost_compare.py --quick          # smoke run: tiny model, few tokens (~2 min)
-    python benchmarks/gate_cost_compare.py                  # SmolLM2, the target workloads (~40 min on 2 cores)
-    python benchmarks/gate_cost_compare.py --from-json benchmarks/results/gate_cost_compare.json   # table only
+    python benchmarks/gate_cost_compare.py --old-rev REV --quick   # smoke run: tiny model, few tokens (~2 min)
+    python benchmarks/gate_cost_compare.py --old-rev REV           # SmolLM2, the target workloads (~40 min on 2 cores)
+    python benchmarks/gate_cost_compare.py --from-json outputs/gate_cost_compare.json   # the table again
 """
 
 from __future__ import annotations
@@ -38,15 +37,13 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from gated_patch.checkpoints import files
+from gated_patch import files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 GATE_COST = os.path.join(HERE, "gate_cost.py")
-DEFAULT_OUT = os.path.join(HERE, "results", "gate_cost_compare.json")
-QUICK_OUT = os.path.join(HERE, "results", "gate_cost_compare_quick.json")
-DOCS = os.path.join(REPO, "docs", "performance.md")
-START, END = "<!-- gate-cost-compare:start -->", "<!-- gate-cost-compare:end -->"
+DEFAULT_OUT = os.path.join(REPO, "outputs", "gate_cost_compare.json")
+QUICK_OUT = os.path.join(REPO, "outputs", "gate_cost_compare_quick.json")
 BASE = "unpatched"
 
 TARGETS = ("--models smollm2 --variants elementwise/hidden,headwise/hidden --prefill-batches 1,8 --prefill-len 512 "
@@ -58,20 +55,6 @@ DEFAULT_ROUNDS, QUICK_ROUNDS = 3, 2
 
 
 # --- source trees ---------------------------------------------------------------------------------------------------
-
-
-#: The old code by default: the revision before the decode fast path and the fused gate were removed.
-REMOVED_FILE = "gated_patch/fused.py"
-
-
-def default_old_rev(repo: str) -> str:
-    """The parent of the commit that deleted `REMOVED_FILE` (a clear error when the history does not reach it)."""
-    done = subprocess.run(["git", "-C", repo, "log", "-n", "1", "--diff-filter=D", "--format=%H", "--", REMOVED_FILE],
-                          capture_output=True, text=True)
-    if done.returncode or not done.stdout.strip():
-        raise SystemExit(f"cannot find the commit that removed {REMOVED_FILE} in {repo} (a shallow clone?); pass "
-                         "--old-rev REV.")
-    return f"{done.stdout.strip()}^"
 
 
 def resolve_commit(repo: str, rev: str) -> str:
@@ -264,20 +247,6 @@ def format_table(data: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def update_docs(path: str, table: str) -> bool:
-    """Replace what lies between the markers in `path` by `table`; False (nothing written) if the file or the markers
-    are missing."""
-    if not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        text = f.read()
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start:
-        return False
-    files.atomic_write(path, text[: start + len(START)] + "\n" + table + text[end:])
-    return True
-
-
 def machine_info(first_result: Optional[dict]) -> dict:
     info = dict(first_result["machine"]) if first_result else {}
     model = platform.processor() or platform.machine()
@@ -305,22 +274,21 @@ def summarise(data: dict) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--old-rev", default=None, help="git revision of the old code (default: the revision before "
-                   f"{REMOVED_FILE} and the decode fast path were removed)")
+    p.add_argument("--old-rev", default=None, help="git revision of the old code (required unless --from-json)")
     p.add_argument("--repo", default=REPO, help="the git repository; its working tree is the new code")
     p.add_argument("--rounds", type=int, default=None,
                    help=f"rounds of one old and one new run (default {DEFAULT_ROUNDS}; --quick: {QUICK_ROUNDS})")
     p.add_argument("--gate-cost-args", default=None, help="arguments of every gate_cost.py run, as one string "
                    "(default: the target workloads on SmolLM2; with --quick: the tiny model)")
     p.add_argument("--no-compile", action="store_true", help="drop --compile-decode from the gate_cost.py arguments")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, few tokens; never updates the docs")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, few tokens")
     p.add_argument("--out", default=None, help=f"JSON path (default {os.path.relpath(DEFAULT_OUT, REPO)}; --quick: "
                    f"{os.path.relpath(QUICK_OUT, REPO)})")
-    p.add_argument("--docs", default=DOCS, help="Markdown file whose marked section gets the table")
-    p.add_argument("--no-docs", action="store_true", help="do not touch the docs")
-    p.add_argument("--from-json", default=None, metavar="JSON", help="measure nothing: rebuild the table (and the "
-                   "docs section) from a saved compare JSON")
+    p.add_argument("--from-json", default=None, metavar="JSON", help="measure nothing: rebuild the table from a saved "
+                   "compare JSON")
     args = p.parse_args(argv)
+    if not args.old_rev and not args.from_json:
+        p.error("--old-rev REV is required: the git revision to compare the working tree with")
     args.rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
     args.gate_cost_args = shlex.split(args.gate_cost_args or (QUICK if args.quick else TARGETS))
     if args.no_compile:
@@ -329,27 +297,14 @@ def parse_args(argv=None):
     return args
 
 
-def _publish(data: dict, args) -> None:
-    print("\n" + data["table"])
-    if args.quick or args.no_docs:
-        return
-    if update_docs(args.docs, data["table"]):
-        print(f"updated the table in {args.docs}")
-    else:
-        print(f"{args.docs} does not exist or lacks the markers {START} / {END}; to put the table there later, add "
-              f"them and run:\n  python benchmarks/gate_cost_compare.py --from-json {os.path.relpath(args.out, REPO)}")
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:
             data = summarise(json.load(f))
-        args.out, args.quick = args.from_json, args.quick or data["settings"].get("quick", False)
-        _publish(data, args)
+        print("\n" + data["table"])
         return data
     state = working_tree_state(args.repo)
-    args.old_rev = args.old_rev or default_old_rev(args.repo)
     data = {"settings": {"old_rev": args.old_rev, "old_commit": resolve_commit(args.repo, args.old_rev),
                          "new_tree": os.path.realpath(args.repo), "new_head": state["head"],
                          "new_gated_patch_changed": state["gated_patch_changed"], "rounds": args.rounds,
@@ -368,7 +323,7 @@ def main(argv=None) -> dict:
         run_rounds(trees, args.rounds, args.gate_cost_args, workdir, on_run=save)
     summarise(data)
     files.write_json(args.out, data)
-    _publish(data, args)
+    print("\n" + data["table"])
     print(f"wrote {args.out} ({data['elapsed_s'] / 60:.1f} min)")
     return data
 

@@ -135,7 +135,7 @@ def main(argv=None) -> None:
                              "time_ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
                              "flop_ratio": matmul_flops_per_token(variant) / matmul_flops_per_token("ungated")}
         report["workloads"][workload] = rows
-    from gated_patch.checkpoints import files
+    from gated_patch import files
 
     files.write_json(out, report)
     table = render_table(report)
@@ -165,7 +165,7 @@ DOCS = os.path.join(HERE, "..", "docs", "serving.md")
 
 def update_docs(path: str, table: str, mode: str) -> None:
     """Replace the table between the `mode`'s markers in `path` (atomically)."""
-    from gated_patch.checkpoints import files
+    from gated_patch import files
 
     start_marker, end_marker = f"<!-- vllm-throughput-{mode}:start -->", f"<!-- vllm-throughput-{mode}:end -->"
     text = open(path).read()

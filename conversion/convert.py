@@ -1,16 +1,30 @@
 """``gated-patch-convert SRC OUT``: convert a checkpoint to the gated format (streaming, atomic), import the fused
-gate layouts of other implementations, or export a gated checkpoint to them or to a native architecture."""
+gate layouts of other implementations, or export a gated checkpoint to them or to a native architecture.
+
+`convert` is the same as a function: it plans (`plan`), writes (`write`) and optionally checks (`verify`) the result.
+Peak memory is about one tensor (``benchmarks/convert_memory.py``); SRC is only read.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
-from gated_patch.checkpoints import layouts
-from gated_patch.checkpoints.convert import SOURCE_LAYOUTS, TARGET_LAYOUTS, convert
-from gated_patch.checkpoints.hub import push_to_hub
+from transformers.utils import CONFIG_NAME
+
 from gated_patch.arguments import add_gate_config_arguments, gate_config_from_args, run_cli
+from gated_patch.core.config import GateConfig
+from gated_patch.files import read_json
+
+from . import layouts
+from .hub import push_to_hub
+from .plan import _REPO_ID, SOURCE_LAYOUTS, TARGET_LAYOUTS, ConversionPlan, plan_conversion, resolve_source
+from .verify import verify_conversion
+from .write import check_output, write_plan
 
 PROG = "gated-patch-convert"
 
@@ -44,6 +58,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hub.add_argument("--private", action="store_true", default=None)
     hub.add_argument("--hub-revision", default=None, help="branch to upload to (created if missing)")
     hub.add_argument("--create-pr", action="store_true")
+
+
+def convert(src: str, out: str | os.PathLike, gate: Optional[GateConfig] = None, *, source_layout: str = "auto",
+            target_layout: str = layouts.PLUGIN, revision: Optional[str] = None, token: Optional[str] = None,
+            allow_pickle: bool = False, overwrite: bool = False, dry_run: bool = False, verify: bool = False,
+            seed: int = 0, progress: bool = True, download: Optional[Callable] = None,
+            log: Callable[[str], None] = print) -> ConversionPlan:
+    """Convert `src` (local directory or Hub id) into `out`; see the module docstring and ``gated-patch-convert -h``."""
+    source, repo_id = resolve_source(src, revision=revision, token=token, allow_pickle=allow_pickle, download=download)
+    out = Path(out)
+    if not dry_run:
+        check_output(source, out, overwrite)
+    base_model = repo_id
+    if base_model is None:
+        name = read_json(source / CONFIG_NAME, "SRC must be a transformers checkpoint directory").get("_name_or_path")
+        base_model = name if isinstance(name, str) and _REPO_ID.match(name) else None
+    plan = plan_conversion(source, gate, source_name=src, base_model=base_model, source_layout=source_layout,
+                           target_layout=target_layout, allow_pickle=allow_pickle, seed=seed)
+    log(plan.describe())
+    if dry_run:
+        log(f"dry run: nothing written (OUT would be {out})")
+        for shard in plan.sources:
+            shard.close()
+        return plan
+    write_plan(plan, out, overwrite=overwrite, progress=progress)
+    log(f"wrote {out}")
+    if verify:
+        try:
+            log(verify_conversion(plan, out))
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)  # a result that fails verification is not left behind
+            raise
+    return plan
 
 
 def main(argv: Optional[list[str]] = None, *, api=None, download=None) -> int:

@@ -8,7 +8,8 @@ import sys
 from typing import Optional
 
 from gated_patch.arguments import run_cli
-from gated_patch.checkpoints.hub import push_to_hub
+
+from .hub import push_to_hub
 
 PROG = "gated-patch-push"
 

@@ -32,8 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 import gated_patch
-from gated_patch.checkpoints.files import atomic_write, read_json
-from gated_patch.core.attention import GATE_MODULE_NAME, is_gated_attention
+from gated_patch.files import atomic_write, read_json
+from gated_patch.core.gate import GATE_MODULE_NAME
+from gated_patch.core.hooks import is_gated_attention
 from gated_patch.core.gate import gate_scores
 from gated_patch.diagnostics import environment, inspect_model, streaming_losses, token_windows, write_json
 

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 import gated_patch
-from gated_patch.checkpoints.files import atomic_write, read_json
+from gated_patch.files import atomic_write, read_json
 from gated_patch.diagnostics import (
     BigramBackcopy,
     environment,

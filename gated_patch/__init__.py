@@ -9,7 +9,6 @@ from .adapters import (
     get_gated_peft_model,
     load_gated_adapter,
 )
-from .core.attention import GATE_MODULE_NAME
 from .core.config import GateConfig
 from .core.errors import (
     AlreadyPatchedError,
@@ -20,7 +19,7 @@ from .core.errors import (
     UnsupportedModelError,
     UpstreamStructureError,
 )
-from .core.gate import AttentionGateLinear
+from .core.gate import GATE_MODULE_NAME, AttentionGateLinear
 from .families import (
     ModelFamily,
     family_for,
@@ -30,8 +29,12 @@ from .families import (
     unregister_model_type,
 )
 from .patching import gate_config, gate_parameters, gated_model_from_config, is_patched, patch_model, unpatch_model
+from .loading import intercept_concrete_loads, register_gated_auto_classes
 from .sharding import fully_shard_gated
 from .version import __version__
+
+register_gated_auto_classes()
+intercept_concrete_loads()
 
 __all__ = [
     "GATE_MODULE_NAME",

@@ -12,7 +12,7 @@ from .arguments import add_gate_config_arguments, gate_config_from_args
 from .checkpoints.remote_code import REMOTE_CODE_FILE, remote_code_source
 from .default_model import DEFAULT_MODEL_NAME, default_model_dir
 from .diagnostics.command import add_inspect_parser
-from .report import patch_and_verify
+from .demo import patch_and_verify
 
 DEFAULT_PROMPT = "The Python language reference describes"
 

@@ -8,10 +8,10 @@ import importlib.util
 import os
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import CONFIG_NAME, logging
 
-from .checkpoints.files import staging_directory
+from .files import staging_directory
 
 logger = logging.get_logger(__name__)
 
@@ -66,9 +66,3 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             if not (target / CONFIG_NAME).is_file():  # lost a race to another process: theirs is complete
                 raise
     return target
-
-
-def load_default_model(**kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct; keyword arguments go to ``from_pretrained``."""
-    path = default_model_dir()
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import re
 
 from torch import nn
-from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .compat import forward_calls_projection_once, forward_source
 from .core.errors import UnsupportedModelError
-from .gating import ModelFamily
+from .gating import ModelFamily, check_gated_class
+from .guards import calls, forward_calls_projection_once, forward_source
 
 #: Child names of a decoder layer that hold cross-attention (its keys and values come from an encoder).
 CROSS_ATTENTION = re.compile(r"cross|encoder_attn|src_attn")
@@ -66,13 +65,12 @@ def _attention_child(model: nn.Module, layer: nn.Module) -> tuple[str, nn.Module
 def _output_projection(model: nn.Module, attention: nn.Module) -> str:
     """The projection the forward calls last, exactly once, mapping heads * head_dim features to the hidden size."""
     source = forward_source(type(attention))
-    calls = {name: [m.start() for m in re.finditer(rf"self\.{re.escape(name)}\(", source)]
-             for name, child in attention.named_children() if isinstance(child, nn.Linear)}
-    called = {name: positions for name, positions in calls.items() if positions}
+    linear = [name for name, child in attention.named_children() if isinstance(child, nn.Linear)]
+    called = {name: positions for name in linear if (positions := calls(source, name))}
     if not called:
         raise _refuse(model, f"{type(attention).__name__}.forward calls none of its linear projections by attribute")
     last = max(called, key=lambda name: max(called[name]))
-    ok, reason = forward_calls_projection_once(type(attention), last, tuple(sorted(set(calls) - {last})))
+    ok, reason = forward_calls_projection_once(type(attention), last, tuple(sorted(set(linear) - {last})))
     if not ok:
         raise _refuse(model, f"{type(attention).__name__}: {reason}")
     return last
@@ -80,11 +78,7 @@ def _output_projection(model: nn.Module, attention: nn.Module) -> str:
 
 def discover_family(model: nn.Module) -> ModelFamily:
     """The `ModelFamily` of `model` found from its structure (raises `UnsupportedModelError` with the reason)."""
-    built = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model.config), None)
-    if built is not type(model):
-        raise _refuse(model, f"AutoModelForCausalLM builds {getattr(built, '__name__', 'no model')} for its config class "
-                             f"{type(model.config).__name__}, so its gated checkpoints could not be loaded back (gate "
-                             "the causal LM of the family)")
+    check_gated_class(model, model.config.model_type)
     path, layers = _decoder_layers(model)
     found = []
     for index, layer in enumerate(layers):

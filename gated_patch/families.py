@@ -14,11 +14,14 @@ from typing import Union
 import torch
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+from transformers.utils import logging
 
-from .checkpoints.loading import register_checkpoint_classes, register_every_causal_lm
+from .checkpoints.format import family_heads
 from .core.errors import UnsupportedModelError
 from .discovery import discover_family
 from .gating import ModelFamily
+
+logger = logging.get_logger(__name__)
 
 _FAMILIES: dict[str, ModelFamily] = {}
 
@@ -46,7 +49,9 @@ def register_model_type(model_type: str, attention_class: Union[str, type], *, d
                          "overwrite=True to replace it.")
     family = ModelFamily(model_type, attention_class, decoder_layers, attention, output_projection)
     _FAMILIES[model_type] = family
-    register_checkpoint_classes(model_type, family)
+    if model_type not in CONFIG_MAPPING or not family_heads(model_type):
+        logger.warning(f"model_type {model_type!r} is not one of transformers' own models: it can be patched, but not "
+                       "saved as a gated checkpoint, whose remote code rebuilds transformers' classes by name.")
     return family
 
 
@@ -71,8 +76,7 @@ def _check_registration(attention_class, **modules: str) -> None:
 
 def unregister_model_type(model_type: str) -> None:
     """Forget a registered family: its models are gated by structure again, if it fits."""
-    if _FAMILIES.pop(model_type, None) is not None:
-        register_checkpoint_classes(model_type, None)
+    _FAMILIES.pop(model_type, None)
 
 
 def registered_model_types() -> list[str]:
@@ -108,7 +112,6 @@ def family_for(model: nn.Module) -> ModelFamily:
     return _FAMILIES.get(model.config.model_type) or discover_family(model)
 
 
-register_every_causal_lm()
 for _model_type, _attention in {
     "llama": "transformers.models.llama.modeling_llama:LlamaAttention",
     "qwen2": "transformers.models.qwen2.modeling_qwen2:Qwen2Attention",

@@ -1,5 +1,5 @@
-"""Inserting and removing gates in a model of a known family (`ModelFamily`): the primitive behind `patch_model` and
-the plugin's checkpoint loader."""
+"""Inserting and removing gates in a loaded model of a known family (`ModelFamily`): the primitive behind `patch_model`.
+Every check runs before anything changes; the gates themselves are added by the core's `add_gates`, as on load."""
 
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .checkpoints.format import gate_tensor_shapes, remove_gated_entries
-from .checkpoints.saving import GatedModelMixin
-from .compat import check_attention_structure, refresh_output_recording
-from .core.attention import GATE_MODULE_NAME, attach_gate, detach_gate, gated_subclass, is_gated_attention, original_class
-from .core.checkpoint import GATE_CONFIG_KEY, GATE_MODULES_KEY
+from .checkpoints.format import auto_built_classes, gate_tensor_shapes, remove_gated_entries
+from .checkpoints.saving import GatedModelMixin, adopt_gated_classes
 from .core.config import GateConfig
 from .core.errors import GatedCheckpointError, NotPatchedError, UnsupportedModelError
-from .core.gate import gate_shape
-from .core.parallel import add_gate_tp_plan, remove_gate_tp_plan
+from .core.gate import GATE_MODULE_NAME, gate_shape, is_gate_name
+from .core.hooks import detach_gate, is_gated_attention
+from .core.model import (GATE_CONFIG_KEY, GATE_MODULES_KEY, add_gates, decoder_layers_path, gated_attention_paths,
+                         original_class)
+from .core.parallel import remove_gate_tp_plan
 from .core.versions import check_transformers_version
+from .guards import check_attention_structure, refresh_output_recording
 
 
 @dataclass(frozen=True)
@@ -65,47 +66,64 @@ def gated_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in model.named_modules() if is_gated_attention(module)]
 
 
-def _gate_device(projection: nn.Module) -> torch.device:
-    """Where the gate of this output projection lives: with its weight or, when accelerate has offloaded the weight (a
-    meta tensor plus a hook that loads it at call time), on the hook's execution device (the gate stays resident)."""
-    hook = getattr(projection, "_hf_hook", None)
-    execution_device = getattr(hook, "execution_device", None)
-    if projection.weight.device.type == "meta" and execution_device is not None:
-        return torch.device(execution_device)
-    return projection.weight.device
+def _gate_placement(model: PreTrainedModel):
+    """Where each gate lives: ``placement(output projection) -> (device, dtype)`` for `add_gates`.
+
+    The device is the projection's, or, when accelerate has offloaded its weight (a meta tensor plus a hook that loads
+    it at call time), the hook's execution device (the gate stays resident). The dtype is the projection's, or for a
+    quantized projection (integer storage, e.g. bitsandbytes 4-bit or 8-bit) the model's float dtype, which its
+    activations have: the gate is a plain trainable float layer.
+    """
+
+    def placement(projection: nn.Module) -> tuple[torch.device, torch.dtype]:
+        execution_device = getattr(getattr(projection, "_hf_hook", None), "execution_device", None)
+        device = projection.weight.device
+        if device.type == "meta" and execution_device is not None:
+            device = torch.device(execution_device)
+        dtype = projection.weight.dtype
+        return device, dtype if dtype.is_floating_point else model.dtype
+
+    return placement
 
 
-def _gate_dtype(model: PreTrainedModel, projection: nn.Module) -> torch.dtype:
-    """The gate's dtype: the output projection's, or for a quantized projection (integer storage, e.g. bitsandbytes
-    4-bit or 8-bit) the model's float dtype, which its activations (the gate's input and output) have: the gate is a
-    plain trainable float layer."""
-    return projection.weight.dtype if projection.weight.dtype.is_floating_point else model.dtype
+def check_gated_class(model: PreTrainedModel, model_type: str) -> None:
+    """Refuse a model whose gated checkpoints no Auto class could load back (before anything changes)."""
+    built = auto_built_classes(original_class(type(model.config)))
+    upstream = original_class(type(model))
+    if upstream not in built.values():
+        raise UnsupportedModelError(
+            f"Cannot gate {upstream.__name__} (model_type {model_type!r}): no Auto class of transformers builds it for its "
+            f"config class, so its gated checkpoints could not be loaded back. Gate one of the family's classes: "
+            f"{sorted({cls.__name__ for cls in built.values()}) or 'none'}.")
 
 
 def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) -> PreTrainedModel:
-    """Gate the attention modules of `model` (of `family`) in place; every check runs before anything changes."""
+    """Gate the attention modules of `model` (of `family`, any of its heads) in place; every check runs before
+    anything changes."""
     check_transformers_version()
+    check_gated_class(model, family.model_type)
+    path = decoder_layers_path(model, family.decoder_layers)
     try:
-        layers = model.get_submodule(family.decoder_layers)
+        layers = model.get_submodule(path)
     except AttributeError:
-        raise NotPatchedError(f"{type(model).__name__} has no `{family.decoder_layers}` (the decoder layers of model_type "
-                              f"{family.model_type!r}). Pass a causal LM of this family, e.g. "
+        raise NotPatchedError(f"{type(model).__name__} has no `{path}` (the decoder layers of model_type "
+                              f"{family.model_type!r}). Pass a model of this family, e.g. "
                               "AutoModelForCausalLM.from_pretrained(...).") from None
     if not isinstance(layers, nn.ModuleList):
-        raise NotPatchedError(f"`{family.decoder_layers}` of {type(model).__name__} is a {type(layers).__name__}, not the "
-                              f"list of decoder layers (nn.ModuleList); fix the registration of {family.model_type!r}.")
-    text_config = model.config.get_text_config()
+        raise NotPatchedError(f"`{path}` of {type(model).__name__} is a {type(layers).__name__}, not the list of decoder "
+                              f"layers (nn.ModuleList); fix the registration of {family.model_type!r}.")
+    modules = {**family.gate_modules, "decoder_layers": path}
     try:  # what the config says the gates are: a checkpoint is checked against it before loading
-        expected = gate_tensor_shapes(gate, family.gate_modules, model.config)
+        expected = gate_tensor_shapes(gate, modules, model.config)
     except GatedCheckpointError as exc:
         raise UnsupportedModelError(f"Cannot gate {type(model).__name__} (model_type {family.model_type!r}): its config "
                                     f"does not give one attention size for every layer ({exc})") from None
-    attentions = []
     for index in gate.layer_indices(len(layers)):
-        attention = getattr(layers[index], family.attention, None)
-        if attention is None:
+        if getattr(layers[index], family.attention, None) is None:
             raise NotPatchedError(f"Decoder layer {index} has no `{family.attention}` module; check the registration.")
-        where = f"{family.decoder_layers}[{index}].{family.attention}"
+    text_config, num_heads = model.config.get_text_config(), model.config.get_text_config().num_attention_heads
+    for where in gated_attention_paths(model, gate, modules):
+        attention = model.get_submodule(where)
         projection = getattr(attention, family.output_projection, None)
         if any(hasattr(p, "placements") for p in attention.parameters()) or (  # DTensor, or a rank's part of o_proj
                 isinstance(projection, nn.Linear) and projection.weight.is_floating_point()
@@ -114,26 +132,16 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) ->
                 f"Cannot gate {where}: its weights are already split across ranks (DTensor: tensor parallelism or FSDP). "
                 "Patch the model before sharding it, or patch and save it in one process and load the gated checkpoint "
                 "with tp_plan='auto' (transformers then shards the gates with the heads).")
-        check_attention_structure(attention, family, where, getattr(text_config, "num_attention_heads", None))
-        num_heads = projection.in_features // attention.head_dim
-        shape = gate_shape(gate, text_config.hidden_size, num_heads, attention.head_dim)
-        if shape != expected[f"{family.decoder_layers}.{index}.{family.attention}.{GATE_MODULE_NAME}.weight"]:
+        check_attention_structure(attention, where, family.output_projection, num_heads, family.resolve_attention_class(),
+                                  family.model_type)
+        shape = gate_shape(gate, text_config.hidden_size, num_heads, projection.in_features // num_heads)
+        if shape != expected[f"{where}.{GATE_MODULE_NAME}.weight"]:
             raise UnsupportedModelError(f"Cannot gate {where} of {type(model).__name__}: its attention gives gate shape "
                                         f"{shape}, the config {expected[next(iter(expected))]} (per-layer head sizes?)")
-        attentions.append(attention)
-    for attention in attentions:
-        projection = getattr(attention, family.output_projection)
-        attach_gate(attention, gate, hidden_size=text_config.hidden_size,
-                    init_std=getattr(text_config, "initializer_range", None) or 0.02,
-                    output_projection=family.output_projection, device=_gate_device(projection),
-                    dtype=_gate_dtype(model, projection))
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            module.__class__ = gated_subclass(type(module), GatedModelMixin)
-            refresh_output_recording(module)
-    add_gate_tp_plan(model, gate, family.gate_modules)
+    add_gates(model, gate, modules, placement=_gate_placement(model))
+    adopt_gated_classes(model)
     setattr(model.config, GATE_CONFIG_KEY, gate.to_dict())
-    setattr(model.config, GATE_MODULES_KEY, family.gate_modules)
+    setattr(model.config, GATE_MODULES_KEY, modules)
     return model
 
 
@@ -151,6 +159,5 @@ def ungate_model(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def gate_parameter_names(model: nn.Module) -> list[str]:
-    """Names (as in ``model.named_parameters()``) of every gate parameter."""
-    marker = f".{GATE_MODULE_NAME}."
-    return [name for name, _ in model.named_parameters() if marker in f".{name}"]
+    """Names (as in ``model.named_parameters()``) of every gate parameter (PEFT's copies and adapters of one too)."""
+    return [name for name, _ in model.named_parameters() if is_gate_name(name)]

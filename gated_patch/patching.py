@@ -21,6 +21,11 @@ def _as_gate_config(config: GateConfigLike) -> GateConfig:
     return config if isinstance(config, GateConfig) else GateConfig.from_dict(config)
 
 
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The model a PEFT model wraps (adapters stay active in it), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_patched(model: nn.Module) -> bool:
     """Whether `model` carries attention output gates."""
     return bool(gated_attention_modules(model))

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from .core.checkpoint import gate_modules_of
+from .core.model import decoder_layers_path, gate_modules_of
 from .core.errors import NotPatchedError
-from .patching import is_patched
+from .patching import base_model_of, is_patched
 
 
 def fully_shard_gated(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
@@ -21,11 +21,11 @@ def fully_shard_gated(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
     """
     from torch.distributed.fsdp import fully_shard
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     if not is_patched(base):
         raise NotPatchedError(f"fully_shard_gated expects a patched model; {type(base).__name__} has no gates. "
                               "Call gated_patch.patch_model(model) first, or use torch's fully_shard directly.")
-    for layer in base.get_submodule(gate_modules_of(base.config)["decoder_layers"]):
+    for layer in base.get_submodule(decoder_layers_path(base, gate_modules_of(base.config)["decoder_layers"])):
         fully_shard(layer, **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)
     return model

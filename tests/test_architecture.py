@@ -113,9 +113,48 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert {"gated_patch", "gated_patch.core.attention", "conversion.convert"} <= set(graph)
+    assert {"gated_patch", "gated_patch.core.hooks", "conversion.convert"} <= set(graph)
     assert "gated_patch.patching" in graph["gated_patch"]  # the graph sees the package's imports
     assert find_cycles(graph) == []
+
+
+#: The layers of docs/design.md, bottom up: a module may import its own layer and those below, never one above.
+LAYERS = (
+    ("ground: the gate", ("gated_patch.core", "gated_patch.version")),
+    ("on disk, and the structure guard", ("gated_patch.files", "gated_patch.checkpoints", "gated_patch.guards")),
+    ("gating and families", ("gated_patch.gating", "gated_patch.discovery", "gated_patch.families")),
+    ("the library's users", ("gated_patch.patching", "gated_patch.loading", "gated_patch.sharding", "gated_patch.adapters",
+                             "gated_patch.diagnostics", "gated_patch.vllm", "gated_patch.cli", "gated_patch.demo",
+                             "gated_patch.default_model", "gated_patch.arguments", "gated_patch")),
+    ("conversion", ("conversion",)),
+)
+
+
+def layer_of(module: str) -> int:
+    """The layer of `module`: the one holding the longest package prefix of its name."""
+    matches = [(len(prefix), index) for index, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module} is in no layer of LAYERS (docs/design.md): place it"
+    return max(matches)[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+                  for module, targets in graph.items() for target in targets if layer_of(target) > layer_of(module))
+
+
+def test_imports_never_run_up_the_layers():
+    assert upward_imports(import_graph()) == []
+    assert layer_of("gated_patch.core.model") == 0 and layer_of("gated_patch.checkpoints.saving") == 1
+    assert layer_of("gated_patch") == 3 and layer_of("conversion.plan") == 4
+
+
+def test_the_layer_check_sees_an_upward_import():
+    """What the old layout had: the on-disk format's loader importing the gating layer above it."""
+    graph = {"gated_patch.checkpoints.loading": {"gated_patch.gating", "gated_patch.core.model"},
+             "gated_patch.gating": {"gated_patch.checkpoints.format"}}
+    assert upward_imports(graph) == ["gated_patch.checkpoints.loading (on disk, and the structure guard) imports "
+                                     "gated_patch.gating (gating and families)"]
 
 
 def test_library_never_imports_the_conversion_scripts():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ import gated_patch
 from gated_patch import GateConfig, GatedCheckpointError, gate_config, is_patched, patch_model, unpatch_model
 from gated_patch.checkpoints.remote_code import REMOTE_CODE_FILE, imported_top_level_modules
 from gated_patch.checkpoints.saving import GatedModelMixin
-from gated_patch.core.attention import gated_subclass
-from gated_patch.core.checkpoint import GATE_CONFIG_KEY, gated_config_class, load_checked
+from gated_patch.core.model import gated_subclass
+from gated_patch.core.model import GATE_CONFIG_KEY, gated_config_class, load_checked
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
 
@@ -48,10 +49,12 @@ def test_save_writes_gated_format(tmp_path, family):
     assert GateConfig.from_dict(config["attn_output_gate"]) == gate
     module = REMOTE_CODE_FILE[:-3]
     cls = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3"}[family]
-    assert config["auto_map"] == {
-        "AutoConfig": f"{module}.Gated{cls}Config",
-        "AutoModelForCausalLM": f"{module}.Gated{cls}ForCausalLM",
-    }
+    heads = {"AutoModel": "Model", "AutoModelForCausalLM": "ForCausalLM", "AutoModelForQuestionAnswering":
+             "ForQuestionAnswering", "AutoModelForSequenceClassification": "ForSequenceClassification",
+             "AutoModelForTokenClassification": "ForTokenClassification"}  # every Auto class of these families
+    expected = {"AutoConfig": f"{module}.Gated{cls}Config", **{auto: f"{module}.Gated{cls}{head}" for auto, head in heads.items()}}
+    assert {auto: name for auto, name in config["auto_map"].items() if auto in expected} == expected
+    assert all(name.startswith(f"{module}.Gated") for name in config["auto_map"].values())  # and other heads, if any
     with safe_open(tmp_path / "model.safetensors", "pt") as handle:
         names = set(handle.keys())
     assert {n for n in names if ".attn_gate." in n} == expected_gate_names(gate, 3)
@@ -168,6 +171,14 @@ def test_gated_checkpoint_without_gate_config_is_an_error(tmp_path):
         load(tmp_path)
 
 
+class LoadedHead(torch.nn.Linear):
+    """What a load returns, for the loading-info check: a module whose config names the class it was saved from."""
+
+    def __init__(self, saved_as=None):
+        super().__init__(2, 2)
+        self.config = types.SimpleNamespace(architectures=saved_as)
+
+
 def test_loading_info_check_lists_every_problem():
     # the check that runs after transformers loaded the weights (with and without the plugin)
     info = {
@@ -176,14 +187,27 @@ def test_loading_info_check_lists_every_problem():
         "mismatched_keys": {("model.layers.1.self_attn.attn_gate.weight", (4, 64), (64, 64))},
     }
     with pytest.raises(GatedCheckpointError) as excinfo:
-        load_checked(lambda *args, **kwargs: (None, info), "ckpt")
+        load_checked(lambda *args, **kwargs: (LoadedHead(), info), "ckpt")
     message = str(excinfo.value)
     assert "missing tensors ['model.layers.0.mlp.up_proj.weight', 'model.layers.0.self_attn.attn_gate.weight']" in message
     assert "wrong-shaped tensors ['model.layers.1.self_attn.attn_gate.weight (checkpoint (4, 64), model (64, 64))']" in message
     assert "unused tensors ['model.layers.5.self_attn.attn_gate.bias']" in message
     clean = {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set()}
-    model = torch.nn.Linear(2, 2)
+    model = LoadedHead(["LoadedHead"])
     assert load_checked(lambda *args, **kwargs: (model, clean), "ckpt") is model
+
+
+def test_loaded_as_another_head_only_the_gate_tensors_are_held_to_the_checkpoint():
+    """A causal LM's checkpoint as a classifier: the new head's weights are transformers' to initialise and report; a
+    gate tensor is still never made up or dropped."""
+    head_change = {"missing_keys": {"score.weight"}, "unexpected_keys": {"lm_head.weight"}, "mismatched_keys": set()}
+    model = LoadedHead(["GatedLlamaForCausalLM"])
+    assert load_checked(lambda *args, **kwargs: (model, head_change), "ckpt") is model
+    with pytest.raises(GatedCheckpointError, match=r"missing tensors \['model.layers.0.self_attn.attn_gate.weight'\]: "):
+        load_checked(lambda *args, **kwargs: (model, {**head_change, "missing_keys": {
+            "score.weight", "model.layers.0.self_attn.attn_gate.weight"}}), "ckpt")
+    with pytest.raises(GatedCheckpointError, match="missing tensors .'score.weight'."):  # the same head: every tensor
+        load_checked(lambda *args, **kwargs: (LoadedHead(["LoadedHead"]), head_change), "ckpt")
 
 
 def test_a_family_outside_transformers_patches_but_saving_it_is_refused_with_the_reason(tmp_path):
@@ -202,10 +226,10 @@ def test_a_family_outside_transformers_patches_but_saving_it_is_refused_with_the
 
     AutoConfig.register("outside_llama", OutsideConfig, exist_ok=True)
     AutoModelForCausalLM.register(OutsideConfig, OutsideForCausalLM, exist_ok=True)
-    with CaptureLogger(logging.get_logger("gated_patch.checkpoints.loading")) as captured:
+    with CaptureLogger(logging.get_logger("gated_patch.families")) as captured:
         gated_patch.register_model_type("outside_llama", LlamaAttention)
     try:
-        assert "'outside_llama' is not one of transformers' own causal LMs" in captured.out
+        assert "'outside_llama' is not one of transformers' own models" in captured.out
         assert "not saved as a gated checkpoint" in captured.out
         model = OutsideForCausalLM(OutsideConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                                  num_attention_heads=4, num_key_value_heads=2)).eval()
@@ -218,13 +242,11 @@ def test_a_family_outside_transformers_patches_but_saving_it_is_refused_with_the
         gated_patch.unregister_model_type("outside_llama")
 
 
-def test_saving_submodule_or_pushing_is_refused(tmp_path):
+def test_pushing_from_save_pretrained_is_refused(tmp_path):
     model = gated_tiny("llama")
-    with pytest.raises(GatedCheckpointError, match="whole causal LMs"):
-        model.model.save_pretrained(tmp_path / "inner")
     with pytest.raises(GatedCheckpointError, match="gated-patch-push DIR"):
         model.save_pretrained(tmp_path / "hub", push_to_hub=True)
-    assert not (tmp_path / "hub").exists() and not (tmp_path / "inner").exists()
+    assert not (tmp_path / "hub").exists()
 
 
 def test_state_dict_without_gates_is_refused(tmp_path):

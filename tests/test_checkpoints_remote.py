@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, OPTConfig, Phi3Con
 
 import gated_patch
 from gated_patch import GateConfig, gate_config, patch_model
-from gated_patch.core.checkpoint import GATE_MODULES_KEY
+from gated_patch.core.model import GATE_MODULES_KEY
 from gated_patch.core.versions import MAX_TRANSFORMERS, MIN_TRANSFORMERS
 
 IDS = [[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]

@@ -19,7 +19,7 @@ from conversion import convert as convert_cli
 from conversion import push as push_cli
 from gated_patch import GateConfig, gate_config, patch_model
 from gated_patch.checkpoints.remote_code import REMOTE_CODE_FILE
-from gated_patch.checkpoints import convert as convert_module
+from conversion import write as convert_module
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
 
@@ -292,7 +292,7 @@ def test_push_uses_default_token_resolution(tmp_path, capsys):
     model = tiny_model("llama")
     patch_model(model)
     model.save_pretrained(tmp_path / "ckpt")
-    with mock.patch("gated_patch.checkpoints.hub.HfApi", autospec=True) as api_class:
+    with mock.patch("conversion.hub.HfApi", autospec=True) as api_class:
         assert push_cli.main([str(tmp_path / "ckpt"), "--repo-id", "me/gated"]) == 0
     api_class.assert_called_once_with(token=None)  # HF_TOKEN / `hf auth login`, resolved by huggingface_hub
     assert api_class.return_value.method_calls == _expected_push_calls(tmp_path / "ckpt", "me/gated")

@@ -9,7 +9,7 @@ import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils does not import it)
 from torch.nn.modules import module as nn_module
 
 import gated_patch as gp
-from gated_patch.core.attention import is_gated_attention
+from gated_patch.core.hooks import is_gated_attention
 from gated_patch.core.gate import AttentionGateLinear, apply_gate
 
 from conftest import randomize_gates, tiny_model

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 
 import gated_patch  # noqa: F401  (registers the gated checkpoint classes)
 from gated_patch import GateConfig, gate_config
-from gated_patch.checkpoints.convert import convert
+from conversion.convert import convert
 
 #: SIGKILL runs: fresh OUT, and OUT replaced with --overwrite (reported in README)
 KILLS_FRESH = 16
@@ -42,7 +42,7 @@ def _converter_child(argv: list[str], conn) -> None:
     import shutil as shutil_module
 
     from conversion import convert as cli
-    from gated_patch.checkpoints import convert as module
+    from conversion import write as module
 
     def reporting(name, function, pause=0.003):
         def wrapper(*args, **kwargs):
@@ -260,7 +260,7 @@ def test_two_converters_racing_to_the_same_out(tmp_path, source, reference, cont
 def test_racing_loser_message(tmp_path, source, capsys, monkeypatch):
     """The refusal names OUT and says why: deterministic version of the race (OUT appears just before the rename)."""
     from conversion import convert as cli
-    from gated_patch.checkpoints import convert as module
+    from conversion import write as module
 
     out = tmp_path / "out"
     original = module._commit

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import gated_patch as gp
 from conversion.convert import main as convert_main
-from gated_patch.checkpoints.convert import convert
+from conversion.convert import convert
 from gated_patch.core.errors import GatedCheckpointError
 
 CONFIGS = {

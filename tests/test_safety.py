@@ -18,7 +18,7 @@ import gated_patch
 from conversion import convert as convert_cli
 from gated_patch import GateConfig, GatedCheckpointError, patch_model
 from gated_patch.checkpoints.remote_code import REMOTE_CODE_FILE
-from gated_patch.checkpoints.convert import convert
+from conversion.convert import convert
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY_DIRS = (ROOT / "gated_patch", ROOT / "conversion")
@@ -79,7 +79,8 @@ def test_library_never_unpickles_without_weights_only():
                    for k in node.keywords):
                 bad.append(f"{path}:{node.lineno} passes trust_remote_code")
     assert not bad, "\n".join(bad)
-    assert torch_loads >= 2  # the scan sees the library's real torch.load calls (converter, adapters)
+    assert torch_loads >= 1  # the scan sees the library's real torch.load call (the weight-file reader); adapters are
+    # read by PEFT's load_peft_weights (weights_only=True): test_adapter_loading_never_unpickles_code
 
 
 # ----------------------------------------------------------------------------------------- pickle: behaviour tests

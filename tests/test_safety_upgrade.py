@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from transformers.models.llama import modeling_llama
 
 import gated_patch
 import transformers
-from gated_patch import UpstreamStructureError, compat, is_patched, patch_model
+from gated_patch import UpstreamStructureError, guards, is_patched, patch_model
 from gated_patch.core import versions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,10 +26,10 @@ IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7]])
 
 @pytest.fixture
 def fresh_structure_cache():
-    for cached in (compat.forward_calls_projection_once, compat.forward_source):
+    for cached in (guards.forward_calls_projection_once, guards.forward_source):
         cached.cache_clear()
     yield
-    for cached in (compat.forward_calls_projection_once, compat.forward_source):
+    for cached in (guards.forward_calls_projection_once, guards.forward_source):
         cached.cache_clear()
 
 
@@ -148,7 +149,9 @@ def test_output_attentions_before_patching_does_not_bypass_the_gate():
 @pytest.mark.parametrize("version", ["4.57.6", "6.0.0", "7.1.0"])
 def test_unsupported_transformers_version_is_refused(monkeypatch, version):
     model = tiny_model("llama")
-    monkeypatch.setattr(transformers, "__version__", version)
+    # transformers 5.x can replace its own sys.modules entry while it imports lazily: set the version on every object
+    for module in {id(m): m for m in (transformers, versions.transformers, sys.modules["transformers"])}.values():
+        monkeypatch.setattr(module, "__version__", version)
     with pytest.raises(UpstreamStructureError, match=rf"transformers {re.escape(version)} is installed") as info:
         patch_model(model)
     assert "pip install 'transformers>=" in str(info.value)
@@ -156,7 +159,7 @@ def test_unsupported_transformers_version_is_refused(monkeypatch, version):
 
 
 def test_supported_range_is_stated_consistently():
-    """setup.cfg's requirement and compat's runtime check name the same range; the installed version is in it."""
+    """setup.cfg's requirement and the runtime check name the same range; the installed version is in it."""
     parser = configparser.ConfigParser()
     parser.read(ROOT / "setup.cfg")
     requirement = next(line.strip() for line in parser["options"]["install_requires"].splitlines()

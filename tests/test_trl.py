@@ -58,3 +58,50 @@ def test_sft_trainer_trains_only_the_gates_and_the_adapter_loads_back(tmp_path):
     ids = torch.randint(4, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, trained(ids).logits)
+
+
+def test_reward_model_from_a_gated_causal_lm_trains_saves_and_loads_back(tmp_path):
+    """TRL's reward training starts from a causal LM checkpoint: RewardTrainer loads it as a sequence classifier
+    (AutoModelForSequenceClassification, with the plugin: gated), trains, saves; the saved reward model loads back
+    gated, with and without the plugin, and scores as the trained one does."""
+    import json
+    import textwrap
+
+    from test_checkpoints_remote import BLOCK_GATED_PATCH, _run
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    model = gated_patch.patch_model(tiny_model("llama"), GateConfig(granularity="headwise"))
+    randomize_gates(model, std=0.1)
+    model.save_pretrained(tmp_path / "causal_lm")
+    texts = [text[:40] for text in list(topics.values())[:32]]
+    pairs = Dataset.from_dict({"chosen": texts[::2], "rejected": texts[1::2]})
+    trainer = RewardTrainer(
+        model=str(tmp_path / "causal_lm"),
+        args=RewardConfig(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                          max_length=48, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True, seed=0,
+                          bf16=False, model_init_kwargs={"attn_implementation": "eager"}),
+        train_dataset=pairs,
+        processing_class=char_tokenizer(97),
+    )
+    assert gated_patch.is_patched(trainer.model) and type(trainer.model).__name__ == "GatedLlamaForSequenceClassification"
+    before = {name: tensor.detach().clone() for name, tensor in gated_patch.gate_parameters(trainer.model)}
+    trainer.train()
+    trainer.save_model(str(tmp_path / "reward"))
+    trained = trainer.model.eval()
+    moved = [name for name, tensor in gated_patch.gate_parameters(trained) if not torch.equal(tensor, before[name])]
+    assert len(moved) == len(before)  # the gates trained with the rest
+    ids = torch.randint(4, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scores = trained(ids).logits
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward", attn_implementation="eager")
+        assert gated_patch.is_patched(loaded) and torch.equal(loaded.eval()(ids).logits, scores)
+    script = BLOCK_GATED_PATCH + textwrap.dedent("""
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True,
+                                                                   attn_implementation="eager").eval()
+        with torch.no_grad():
+            torch.save(model(torch.tensor(json.loads(sys.argv[2]))).logits, sys.argv[3])
+        """)
+    _run(tmp_path, script, str(tmp_path / "reward"), json.dumps(ids.tolist()), str(tmp_path / "remote.pt"))
+    assert (torch.load(tmp_path / "remote.pt") - scores).abs().max() <= 1e-6

@@ -23,8 +23,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..checkpoints.files import find_weight_files, open_shards
-from ..core.attention import GATE_MODULE_NAME
+from ..checkpoints.weights import find_weight_files, open_shards
+from ..core.gate import GATE_MODULE_NAME
 from ..patching import gate_config, is_patched
 from .peft_api import DUMMY_TARGET_MODULES, LNTuningConfig, LoraConfig, check_peft
 from .record import GatedAdapterError, base_gate_tensors, gate_module_names

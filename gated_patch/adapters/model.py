@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..checkpoints.files import staging_directory
+from ..files import staging_directory
 from ..checkpoints.saving import PEFT_CONFIG_HOOKS
-from ..core.attention import GATE_MODULE_NAME, gated_subclass
+from ..core.gate import is_gate_name
+from ..core.model import gated_subclass
 from ..core.config import GateConfig
 from ..core.errors import NotPatchedError
 from ..patching import gate_config, is_patched, patch_model, unpatch_model
@@ -279,7 +280,7 @@ def _check_base_fits(base: nn.Module, directory: Path, adapter: str, *, patch_ba
     with `patch_base`, patch an unpatched base as the adapter's record says."""
     record = read_record(directory)
     if record is None:
-        gate_keys = sorted(k for k in _adapter_weights(directory) if f".{GATE_MODULE_NAME}." in k)
+        gate_keys = sorted(k for k in _adapter_weights(directory) if is_gate_name(k))
         if gate_keys and not is_patched(base):
             raise GatedAdapterError(
                 f"Adapter {adapter!r} holds {len(gate_keys)} gate tensors ({_short_list(gate_keys)}) but has no "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..core.attention import GATE_MODULE_NAME
+from ..core.gate import GATE_MODULE_NAME
 from ..core.errors import NotPatchedError
 from ..gating import gate_parameter_names
 

@@ -15,8 +15,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..checkpoints.files import read_json, write_json
-from ..core.attention import GATE_MODULE_NAME
+from ..core.gate import GATE_MODULE_NAME
+from ..files import read_json, write_json
 from ..gating import gated_attention_modules
 from ..core.errors import GatedCheckpointError, GatedPatchError
 

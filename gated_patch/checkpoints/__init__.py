@@ -1,3 +1,2 @@
-"""Gated checkpoints: the on-disk format (`format`), saving (`saving`) and loading with the plugin (`loading`), the
-generated remote code for loading without it (`remote_code`), file checks (`files`, `validate`), the streaming
-converter (`convert`), the fused gate layouts of other implementations (`layouts`), model cards and Hub upload."""
+"""Gated checkpoints on disk: the format (`format`), weight files (`weights`), checks before loading (`validate`),
+the generated remote code for loading without the plugin (`remote_code`) and saving (`saving`, the plugin's classes)."""

@@ -3,25 +3,26 @@
 On disk a gated checkpoint is the upstream checkpoint plus the gate tensors of every gated layer
 (``<decoder_layers>.<i>.<attention>.attn_gate.weight`` and ``.bias``), the remote code file, and a ``config.json``
 with ``model_type: gated_<family>``, the gate config, where the gated modules are and an ``auto_map`` that names the
-remote code's ``Gated<UpstreamClass>`` classes.
+remote code's ``Gated<UpstreamClass>`` class for every Auto class transformers has for the family.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 import transformers
-from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import CONFIG_MAPPING
 from transformers.utils import CONFIG_NAME
 
-from ..core.attention import GATE_MODULE_NAME
-from ..core.checkpoint import GATE_CONFIG_KEY, GATE_MODULES_KEY, GATED_PREFIX
 from ..core.config import GateConfig
-from ..core.errors import GatedCheckpointError
-from ..core.gate import gate_shape
-from .files import read_json
+from ..core.errors import GatedCheckpointError, UpstreamStructureError
+from ..core.gate import GATE_MODULE_NAME, gate_shape
+from ..core.model import GATE_CONFIG_KEY, GATE_MODULES_KEY, GATED_PREFIX
+from ..files import read_json
 from .remote_code import REMOTE_MODULE
+
 
 def is_gated_model_type(model_type: Any) -> bool:
     return isinstance(model_type, str) and model_type.startswith(GATED_PREFIX)
@@ -41,6 +42,53 @@ def _transformers_class(cls: type, what: str) -> str:
     return cls.__name__
 
 
+@lru_cache(maxsize=None)
+def auto_model_names() -> dict[str, dict[str, Any]]:
+    """``{Auto class name: {model_type: model class name(s)}}`` for every ``AutoModel*`` class of transformers, read
+    from the names each Auto class maps (no modeling code is imported)."""
+    names = {}
+    for name in dir(transformers):
+        auto = getattr(transformers, name, None) if name.startswith("AutoModel") else None
+        mapping = getattr(getattr(auto, "_model_mapping", None), "_model_mapping", None)
+        if isinstance(mapping, dict):
+            names[name] = mapping
+    if "AutoModelForCausalLM" not in names or "AutoModel" not in names:
+        raise UpstreamStructureError(f"transformers {transformers.__version__}: its Auto classes no longer hold the model "
+                                     "names gated_patch reads (_model_mapping); install a supported transformers.")
+    return names
+
+
+def family_heads(model_type: str) -> dict[str, str]:
+    """``{Auto class name: model class name}`` for every Auto class that builds a model of `model_type` (names only)."""
+    heads = {}
+    for auto, mapping in auto_model_names().items():
+        name = mapping.get(model_type)
+        if name:
+            heads[auto] = name if isinstance(name, str) else name[0]
+    return heads
+
+
+def auto_built_classes(config_class: type) -> dict[str, type]:
+    """``{Auto class name: model class}`` for every Auto class that builds a model from `config_class` (transformers'
+    own families and run-time registrations; imports modeling code). The class may be another family's (``internlm3``
+    configs build ``LlamaForCausalLM``)."""
+    built = {}
+    for auto in auto_model_names():
+        try:
+            model_class = getattr(transformers, auto)._model_mapping[config_class]
+        except (KeyError, ValueError, AttributeError):
+            continue
+        built[auto] = model_class
+    return built
+
+
+def remote_class_name(model_name: str, config_class: type) -> str:
+    """The remote code's name of the gated `model_name` built from `config_class`: ``Gated<Model>``, or
+    ``Gated<Model>__<Config>`` when the class is another family's (its gated config class must match the checkpoint's)."""
+    own = getattr(getattr(transformers, model_name, None), "config_class", None) is config_class
+    return f"Gated{model_name}" if own else f"Gated{model_name}__{config_class.__name__}"
+
+
 def gated_config_entries(config_class: type, model_class: type, gate: GateConfig,
                          modules: Mapping[str, str], auto_map: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The ``config.json`` entries that make an upstream config (of `config_class`, for `model_class`) a gated one.
@@ -49,24 +97,28 @@ def gated_config_entries(config_class: type, model_class: type, gate: GateConfig
     with its own modeling code is gated through the transformers class it builds on).
     """
     config_name, model_name = _transformers_class(config_class, "config"), _transformers_class(model_class, "model")
-    expected = MODEL_FOR_CAUSAL_LM_MAPPING.get(config_class, None)
-    if expected is not model_class:
+    heads = {auto: cls.__name__ for auto, cls in auto_built_classes(config_class).items() if
+             getattr(transformers, cls.__name__, None) is cls}
+    if model_name not in heads.values():
         raise GatedCheckpointError(
-            f"Cannot write a gated checkpoint of {model_name}: gated checkpoints hold the model AutoModelForCausalLM "
-            f"builds for {config_name} ({getattr(expected, '__name__', 'none')}), so that both loaders rebuild it. "
-            "Patch and save that model.")
+            f"Cannot write a gated checkpoint of {model_name}: no Auto class of transformers builds it for {config_name} "
+            f"(they build {sorted(set(heads.values()))}), so no loader could rebuild it. Patch and save one of those.")
     kept = {key: value for key, value in (auto_map or {}).items() if key != "AutoConfig" and not key.startswith("AutoModel")}
-    if not config_name.endswith("Config"):
-        raise GatedCheckpointError(f"Cannot write a gated checkpoint of {model_name}: its config class {config_name} "
-                                   "does not end in 'Config', which the remote code relies on to find it.")
     return {
         "model_type": GATED_PREFIX + config_class.model_type,
         "architectures": [f"Gated{model_name}"],  # what save_pretrained of the patched model writes, too
         "auto_map": {**kept, "AutoConfig": f"{REMOTE_MODULE}.Gated{config_name}",  # the remote code's class names
-                     "AutoModelForCausalLM": f"{REMOTE_MODULE}.Gated{config_name[:-len('Config')]}ForCausalLM"},
+                     **{auto: f"{REMOTE_MODULE}.{remote_class_name(name, config_class)}" for auto, name in sorted(heads.items())}},
         GATE_CONFIG_KEY: gate.to_dict(),
         GATE_MODULES_KEY: dict(modules),
     }
+
+
+def set_config_class(config: Any, cls: type) -> None:
+    """Switch a config between its upstream and its gated class (same fields; ``model_type`` follows the class)."""
+    object.__setattr__(config, "__class__", cls)
+    if "model_type" in config.__dict__:  # configs read from config.json may hold the value in the instance too
+        config.__dict__["model_type"] = cls.model_type
 
 
 def remove_gated_entries(config: dict, model_class_name: str) -> dict:
@@ -122,14 +174,3 @@ def gate_tensor_shapes(gate: GateConfig, modules: Mapping[str, str], config: Any
         if gate.bias:
             shapes[f"{prefix}.bias"] = (out_features,)
     return shapes
-
-
-def set_config_class(config: Any, cls: type) -> None:
-    """Switch a config between its upstream and its gated class (same fields; ``model_type`` follows the class)."""
-    object.__setattr__(config, "__class__", cls)
-    if "model_type" in config.__dict__:  # configs read from config.json may hold the value in the instance too
-        config.__dict__["model_type"] = cls.model_type
-
-
-def is_gate_tensor(name: str) -> bool:
-    return f".{GATE_MODULE_NAME}." in f".{name}"

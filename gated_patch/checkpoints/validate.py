@@ -11,11 +11,13 @@ from typing import Mapping
 
 from transformers.utils import CONFIG_NAME
 
-from ..core.checkpoint import GATE_CONFIG_KEY, gate_modules_of
 from ..core.config import GateConfig
 from ..core.errors import GateConfigError, GatedCheckpointError
-from .files import FLOAT_DTYPES, find_weight_files, open_shards, read_json
-from .format import config_object, gate_tensor_shapes, is_gate_tensor, is_gated_model_type
+from ..core.gate import is_gate_name
+from ..core.model import GATE_CONFIG_KEY, gate_modules_of
+from ..files import read_json
+from .format import config_object, gate_tensor_shapes, is_gated_model_type
+from .weights import FLOAT_DTYPES, find_weight_files, open_shards
 
 
 def gate_config_from(config: Mapping, config_path: Path | str) -> tuple[GateConfig, dict[str, str]]:
@@ -69,7 +71,7 @@ def check_gate_tensors(gate: GateConfig, modules: Mapping[str, str], config_path
         if dtype not in FLOAT_DTYPES:
             problems.append(f"{files[name]}: gate tensors of a non-float dtype [{name!r}] (dtype {dtype})")
     problems += [f"{files[name]}: gate tensors the gate config in {config_path} has no place for [{name!r}]"
-                 for name in sorted(entries) if is_gate_tensor(name) and name not in expected]
+                 for name in sorted(entries) if is_gate_name(name) and name not in expected]
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise GatedCheckpointError(

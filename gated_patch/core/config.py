@@ -41,13 +41,11 @@ class GateConfig:
                 layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) < len(layers)):
             raise GateConfigError(f"GateConfig.layers must be None (every layer) or a non-empty list of layer indices >= 0, "
                                   f"no duplicates; got {layers!r}.")
-        object.__setattr__(self, "layers", None if layers is None else tuple(sorted(layers)))
         # Derived (not fields): offset 1 for identity SiLU (silu(0) = 0), scale 1 / activation(offset) for identity.
         z = 1.0 if self.init == "identity" and self.activation == "silu" else 0.0
-        sigmoid = 1.0 / (1.0 + math.exp(-z))
-        object.__setattr__(self, "preactivation_offset", z)
-        object.__setattr__(self, "output_scale", 1.0 if self.init != "identity" else
-                           1.0 / (sigmoid if self.activation == "sigmoid" else z * sigmoid))
+        at_offset = (z if self.activation == "silu" else 1.0) / (1.0 + math.exp(-z))  # sigmoid(z) or silu(z)
+        self.__dict__.update(layers=None if layers is None else tuple(sorted(layers)), preactivation_offset=z,
+                             output_scale=1.0 / at_offset if self.init == "identity" else 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "layers": None if self.layers is None else list(self.layers)}
@@ -57,8 +55,7 @@ class GateConfig:
         """Inverse of `to_dict`; unknown keys are an error, never silently ignored."""
         if not isinstance(data, dict):
             raise GateConfigError(f"A gate config must be a dict, got {type(data).__name__}: {data!r}.")
-        unknown = sorted(set(data) - {field.name for field in dataclasses.fields(cls)})
-        if unknown:
+        if unknown := sorted(set(data) - {field.name for field in dataclasses.fields(cls)}):
             raise GateConfigError(f"Unknown gate config keys {unknown}; valid keys are {list(cls().to_dict())}. Written by "
                                   "a newer gated_patch? Upgrade gated_patch or remove the keys.")
         return cls(**data)

@@ -1,4 +1,4 @@
-"""The gate: its projection, its shape, and ``Y * activation(gate(S) + offset) * scale``, all plain module calls."""
+"""The gate: its name, its projection, its shape, and where it multiplies the attention output (`apply_gate`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ from torch import nn
 from transformers import initialization as hf_init
 
 from .config import GateConfig
+
+GATE_MODULE_NAME = "attn_gate"  # the gate's child name in an attention module; its tensors are <attention>.attn_gate.*
+
+
+def is_gate_name(name: str) -> bool:
+    """Whether a parameter, tensor or module name (dotted, with any PEFT wrapping) names a gate or something in one."""
+    return f".{GATE_MODULE_NAME}." in f".{name}."
 
 
 class AttentionGateLinear(nn.Linear):
@@ -39,12 +46,9 @@ class AttentionGateLinear(nn.Linear):
 
     def reset_parameters(self) -> None:
         init = getattr(self, "gate_init", None)  # None while nn.Linear.__init__ runs: the gate's init comes after it
-        if init == "identity":
-            hf_init.zeros_(self.weight)
-        elif init == "paper":
-            hf_init.normal_(self.weight, mean=0.0, std=self.init_std)
-        if init is not None and self.bias is not None:
-            hf_init.zeros_(self.bias)
+        if init is not None:
+            hf_init.zeros_(self.weight) if init == "identity" else hf_init.normal_(self.weight, mean=0.0, std=self.init_std)
+            hf_init.zeros_(self.bias) if self.bias is not None else None
 
 
 def gate_shape(config: GateConfig, hidden_size: int, num_heads: int, head_dim: int) -> tuple[int, int]:
@@ -62,7 +66,7 @@ def gate_scores(projection_output: torch.Tensor, config: GateConfig) -> torch.Te
 
 def apply_gate(attn_output: torch.Tensor, hidden_states: torch.Tensor, gate: nn.Module, config: GateConfig,
                num_heads: int) -> torch.Tensor:
-    """The gated attention output; `attn_output` is the flattened ``[..., heads * head_dim]`` input of o_proj."""
+    """``Y * g``: the gate multiplied onto the attention output (the flattened ``[..., heads * head_dim]`` input of o_proj)."""
     scores = gate_scores(gate(hidden_states if config.gate_input == "hidden_states" else attn_output), config)
     if config.granularity == "elementwise":
         return attn_output * scores

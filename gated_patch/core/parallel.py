@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .attention import GATE_MODULE_NAME, is_gated_attention
 from .config import GateConfig
 from .errors import GatedCheckpointError
+from .gate import GATE_MODULE_NAME
 
 
 def add_gate_tp_plan(model: nn.Module, gate: GateConfig, modules: dict[str, str]) -> None:
@@ -32,9 +32,9 @@ def check_gate_sharding(model: nn.Module) -> None:
     Compared by DTensor placements, and by shape where transformers keeps only this rank's part of each (float) weight.
     """
     for name, attention in model.named_modules():
-        if is_gated_attention(attention):
+        if isinstance(attention.__dict__.get("gate_config"), GateConfig):  # a gated attention module
             weight, gate = getattr(attention, attention.gate_projection_name).weight, getattr(attention, GATE_MODULE_NAME).weight
-            rows = weight.shape[-1] // (1 if attention.gate_config.granularity == "elementwise" else attention.head_dim)
+            rows = weight.shape[-1] // (1 if attention.gate_config.granularity == "elementwise" else attention.gate_head_dim)
             heads_split, gate_split = getattr(weight, "placements", ()), getattr(gate, "placements", ())
             if (weight.is_floating_point() and gate.shape[0] != rows) or len(gate_split) != len(heads_split) or not all(
                     g.is_shard(0) if h.is_shard(1) else g == h for h, g in zip(heads_split, gate_split)):

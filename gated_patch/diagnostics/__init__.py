@@ -27,7 +27,7 @@ from .positions import QueryGroupStats, query_group_stats
 from .probes import GATE_THRESHOLDS, eager_attention
 from .streaming import streaming_losses, token_losses, window_attention_mask
 from .tasks import BOS_TOKEN_ID, BigramBackcopy, TaskBatch
-from ..checkpoints.files import write_json
+from ..files import write_json
 from .report import environment, format_layer_table, format_summary_table, plot_inspections
 
 __all__ = [

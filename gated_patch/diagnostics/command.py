@@ -13,7 +13,7 @@ from ..arguments import add_gate_config_arguments, gate_config_from_args
 from ..default_model import default_model_dir
 from ..patching import patch_model
 from .measure import default_text, inspect_model, tokenize_for_inspection
-from ..checkpoints.files import write_json
+from ..files import write_json
 from .report import format_layer_table, format_summary_table, plot_inspections
 
 DEFAULT_OUTPUT_DIR = "outputs/inspect"

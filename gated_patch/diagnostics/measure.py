@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.attention import is_gated_attention
-from ..core.checkpoint import GATE_CONFIG_KEY
 from ..core.errors import UpstreamStructureError
+from ..core.hooks import is_gated_attention
+from ..core.model import GATE_CONFIG_KEY
+from ..patching import base_model_of
 from .probes import GATE_THRESHOLDS, MetricProbes, attention_module, eager_attention, eval_mode
 
 FIRST_TOKEN_NOTE = (
@@ -147,6 +148,37 @@ def tokenize_for_inspection(tokenizer, text: str, max_tokens: Optional[int]) -> 
 
 
 @torch.no_grad()
+def _layer_stats(index: int, attention: nn.Module, acc) -> "LayerStats":
+    """One layer's statistics from what its probes accumulated."""
+    per_head = (acc.first_token_sum / acc.first_token_count).tolist()
+    stats = LayerStats(
+        layer=index,
+        first_token_share=sum(per_head) / len(per_head),
+        first_token_share_per_head=per_head,
+        max_abs_activation=acc.max_abs,
+        max_abs_position=acc.max_abs_position,
+        max_abs_channel=acc.max_abs_channel,
+        mean_abs_attn_output=acc.attn_output_abs_sum / max(acc.attn_output_count, 1),
+    )
+    if not is_gated_attention(attention):
+        return stats
+    if not acc.gate_count:
+        raise UpstreamStructureError(
+            f"Layer {index} is gated but its gate module was never called during the forward pass, so its gate "
+            "scores could not be observed. Was the gate replaced by something that bypasses the module call?"
+        )
+    gate_per_head = (acc.gate_sum / acc.gate_count).tolist()
+    below_per_head = {str(t): (acc.gate_below[t] / acc.gate_count).tolist() for t in GATE_THRESHOLDS}
+    stats.gated = True
+    stats.mean_abs_gated_output = acc.gated_output_abs_sum / max(acc.gated_output_count, 1)
+    stats.gate_mean = sum(gate_per_head) / len(gate_per_head)
+    stats.gate_mean_per_head = gate_per_head
+    stats.gate_fraction_below_per_head = below_per_head
+    stats.gate_fraction_below = {t: sum(v) / len(v) for t, v in below_per_head.items()}
+    stats.gate_min, stats.gate_max = acc.gate_min, acc.gate_max
+    return stats
+
+
 def inspect_model(
     model: nn.Module,
     tokens: Union[Sequence[int], torch.Tensor],
@@ -164,8 +196,7 @@ def inspect_model(
     call and its previous mode restored. A PEFT model is measured through its base model, adapters active (an
     adapter on the gate projection changes the gate scores reported).
     """
-    if hasattr(model, "get_base_model"):  # a PEFT model: measure the model it wraps (adapters stay active)
-        model = model.get_base_model()
+    model = base_model_of(model)  # a PEFT model: measure the model it wraps (adapters stay active)
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.reshape(-1).tolist()
     windows = token_windows(tokens, window)
@@ -180,35 +211,8 @@ def inspect_model(
         for batch in tqdm(batches, desc=f"inspect {label or type(model).__name__}", disable=not progress):
             model(input_ids=torch.tensor(batch, device=device), use_cache=False)
 
-    layers = []
-    for index, (layer, acc) in enumerate(zip(probes.layers, probes.accumulators)):
-        attention = attention_module(model, layer)
-        per_head = (acc.first_token_sum / acc.first_token_count).tolist()
-        stats = LayerStats(
-            layer=index,
-            first_token_share=sum(per_head) / len(per_head),
-            first_token_share_per_head=per_head,
-            max_abs_activation=acc.max_abs,
-            max_abs_position=acc.max_abs_position,
-            max_abs_channel=acc.max_abs_channel,
-            mean_abs_attn_output=acc.attn_output_abs_sum / max(acc.attn_output_count, 1),
-        )
-        if is_gated_attention(attention) and not acc.gate_count:
-            raise UpstreamStructureError(
-                f"Layer {index} is gated but its gate module was never called during the forward pass, so its gate "
-                "scores could not be observed. Was the gate replaced by something that bypasses the module call?"
-            )
-        if is_gated_attention(attention):
-            gate_per_head = (acc.gate_sum / acc.gate_count).tolist()
-            below_per_head = {str(t): (acc.gate_below[t] / acc.gate_count).tolist() for t in GATE_THRESHOLDS}
-            stats.gated = True
-            stats.mean_abs_gated_output = acc.gated_output_abs_sum / max(acc.gated_output_count, 1)
-            stats.gate_mean = sum(gate_per_head) / len(gate_per_head)
-            stats.gate_mean_per_head = gate_per_head
-            stats.gate_fraction_below_per_head = below_per_head
-            stats.gate_fraction_below = {t: sum(v) / len(v) for t, v in below_per_head.items()}
-            stats.gate_min, stats.gate_max = acc.gate_min, acc.gate_max
-        layers.append(stats)
+    layers = [_layer_stats(index, attention_module(model, layer), acc)
+              for index, (layer, acc) in enumerate(zip(probes.layers, probes.accumulators))]
     gate = getattr(model.config, GATE_CONFIG_KEY, None)
     result = Inspection(
         label=label or ("gated" if gate else "baseline"),

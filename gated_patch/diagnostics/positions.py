@@ -15,8 +15,9 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..core.attention import GATE_MODULE_NAME, is_gated_attention
-from ..core.gate import gate_scores
+from ..core.gate import GATE_MODULE_NAME, gate_scores
+from ..core.hooks import is_gated_attention
+from ..patching import base_model_of
 from .probes import HookSet, attention_module, attention_weights, decoder_layers, eager_attention, eval_mode
 
 
@@ -75,8 +76,7 @@ def query_group_stats(model: nn.Module, input_ids: torch.Tensor,
     position 0 is left out of every group. Runs one forward pass with eager attention, in eval mode, and restores
     the model's attention implementation and mode afterwards.
     """
-    if hasattr(model, "get_base_model"):  # a PEFT model: measure the model it wraps (adapters stay active)
-        model = model.get_base_model()
+    model = base_model_of(model)  # a PEFT model: measure the model it wraps (adapters stay active)
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [batch, seq] with seq >= 2; got shape {tuple(input_ids.shape)}.")
     for name, mask in groups.items():

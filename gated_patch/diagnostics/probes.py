@@ -16,11 +16,10 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..core.attention import GATE_MODULE_NAME, is_gated_attention, gated_output_projection
-from ..core.gate import gate_scores
 from ..core.errors import UpstreamStructureError
+from ..core.gate import GATE_MODULE_NAME, gate_scores
+from ..core.hooks import hook_output_projection, is_gated_attention
 from ..families import family_for
-from ..gating import ModelFamily
 
 #: Gate-score thresholds whose fractions are reported (the paper discusses scores near zero as "sparse").
 GATE_THRESHOLDS = (0.1, 0.01)
@@ -46,13 +45,8 @@ class LayerAccumulator:
     gate_max: float = float("-inf")
 
 
-def model_family(model: nn.Module) -> ModelFamily:
-    """The family of `model`: registered, or found from its structure."""
-    return family_for(model)
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    family = model_family(model)
+    family = family_for(model)
     try:
         return operator.attrgetter(family.decoder_layers)(model)
     except AttributeError as exc:
@@ -63,7 +57,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def attention_module(model: nn.Module, layer: nn.Module) -> nn.Module:
-    family = model_family(model)
+    family = family_for(model)
     attention = getattr(layer, family.attention, None)
     if attention is None:
         raise UpstreamStructureError(f"Decoder layer {type(layer).__name__} has no `{family.attention}` module.")
@@ -156,8 +150,8 @@ class MetricProbes(HookSet):
 
     def _install_output_hooks(self, index: int, attention: nn.Module) -> None:
         gated = is_gated_attention(attention)
-        name = attention.gate_projection_name if gated else model_family(self.model).output_projection
-        projection = gated_output_projection(attention) if gated else getattr(attention, name, None)  # the gate's hook first
+        name = attention.gate_projection_name if gated else family_for(self.model).output_projection
+        projection = hook_output_projection(attention) if gated else getattr(attention, name, None)  # the gate's hook first
         if projection is None:
             raise UpstreamStructureError(f"Attention module {type(attention).__name__} has no `{name}` projection.")
         self._handles.append(projection.register_forward_pre_hook(self._before_gate_hook(index), prepend=True))

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..checkpoints import files
+from .. import files
 from .measure import FIRST_TOKEN_NOTE, MAX_ACTIVATION_NOTE, UNIFORM_NOTE, Inspection
 
 

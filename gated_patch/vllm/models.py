@@ -27,10 +27,10 @@ from vllm import ModelRegistry
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 
-from ..checkpoints.format import gate_tensor_shapes, is_gate_tensor
-from ..compat import forward_source
-from ..core.attention import GATE_MODULE_NAME
-from ..core.checkpoint import gate_config_of, gate_modules_of
+from ..checkpoints.format import gate_tensor_shapes
+from ..core.gate import GATE_MODULE_NAME, is_gate_name
+from ..core.model import gate_config_of, gate_modules_of
+from ..guards import forward_source
 from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError, UpstreamStructureError
 from ..core.gate import apply_gate, gate_shape
@@ -169,7 +169,7 @@ class GatedVllmModelMixin:
 
         def checked():
             for name, tensor in weights:
-                if is_gate_tensor(name):
+                if is_gate_name(name):
                     if name not in expected:
                         raise GatedCheckpointError(
                             f"Gated checkpoint: tensor {name} is not a gate tensor of this config (gates: "

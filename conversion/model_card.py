@@ -7,7 +7,7 @@ from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..core.config import GateConfig
+from gated_patch.core.config import GateConfig
 
 MODEL_CARD_FILE = "README.md"
 

@@ -1,5 +1,5 @@
-"""Checkpoint files on disk: atomic writes, JSON files, the weight files of a checkpoint and its index, and
-safetensors files read and written one tensor at a time (peak memory: about one tensor).
+"""The weight files of a checkpoint on disk: which files transformers reads, their index, and safetensors files read
+and written one tensor at a time (peak memory: about one tensor).
 
 Every error names the file at fault: without these checks a truncated shard surfaces as safetensors' "incomplete
 metadata" with no file name, and a malformed index as a bare ``KeyError``.
@@ -7,21 +7,19 @@ metadata" with no file name, and a malformed index as a bare ``KeyError``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from ..core.errors import GatedCheckpointError
+from ..files import read_json
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -30,64 +28,6 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _MAX_HEADER = 100 * 1024 * 1024
 
-
-# ------------------------------------------------------------------------------------------------ atomic writes, JSON
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write `data` to `path` through a temporary file beside it and ``os.replace``: readers see the old file or the
-    whole new one, never a part. The one atomic file write of the package (checkpoints, records, reports, plots)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | os.PathLike, data: Any, sort_keys: bool = False) -> Path:
-    """`data` as indented JSON, written with `atomic_write` (keys in their order, or sorted as transformers sorts a
-    ``config.json``)."""
-    return atomic_write(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
-
-
-@contextlib.contextmanager
-def staging_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """A new directory beside `target` (on its file system, so it can be renamed onto it), for writing a directory
-    atomically: build it here, then move it into place. Removed on exit unless it was moved away."""
-    target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.resolve().parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result gets the usual directory mode
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_json(path: str | os.PathLike, missing: str = "restore or re-download it") -> dict:
-    """The JSON object in `path`; a `GatedCheckpointError` naming the file (and, if it is absent, `missing`)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GatedCheckpointError(f"{path}: not found; {missing}.") from None
-    except (OSError, ValueError) as exc:
-        raise GatedCheckpointError(f"{path}: cannot read it as JSON ({exc}); restore or re-download the file.") from exc
-    if not isinstance(data, dict):
-        raise GatedCheckpointError(f"{path}: expected a JSON object; restore or re-download the file.")
-    return data
-
-
-# --------------------------------------------------------------------------------------------------- weight files
 
 @dataclass(frozen=True)
 class WeightFiles:

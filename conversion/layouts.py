@@ -23,9 +23,9 @@ from typing import Optional
 
 import torch
 
-from ..core.config import GateConfig
-from ..core.errors import GatedCheckpointError
-from ..core.gate import gate_shape
+from gated_patch.core.config import GateConfig
+from gated_patch.core.errors import GatedCheckpointError
+from gated_patch.core.gate import gate_shape
 
 PLUGIN = "plugin"
 PAPER = "paper"

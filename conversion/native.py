@@ -20,9 +20,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.config import GateConfig
-from ..core.errors import GatedCheckpointError
-from .files import DTYPES
+from gated_patch.checkpoints.weights import DTYPES
+from gated_patch.core.config import GateConfig
+from gated_patch.core.errors import GatedCheckpointError
+from gated_patch.core.gate import GATE_MODULE_NAME
+
 from .layouts import QWEN3_NEXT, AttentionShape, fuse
 
 QWEN3_5 = "qwen3_5"
@@ -109,7 +111,7 @@ def native_tensor_plan(gate: GateConfig, shape: AttentionShape, num_layers: int,
             replaced[name] = [(name, dtype, tensor_shape, lambda n=name: native_norm(read(n)))]
     for i in range(num_layers):
         attention, gated = prefix(i), i in gated_layers
-        gate_weight, gate_bias = f"{attention}.attn_gate.weight", f"{attention}.attn_gate.bias"
+        gate_weight, gate_bias = f"{attention}.{GATE_MODULE_NAME}.weight", f"{attention}.{GATE_MODULE_NAME}.bias"
         dropped.update(n for n in (gate_weight, gate_bias) if n in names)
         q_weight, (dtype, (_, in_features)) = f"{attention}.q_proj.weight", names[f"{attention}.q_proj.weight"]
         replaced[q_weight] = [(q_weight, dtype, (fused_rows, in_features), lambda q=q_weight, g=gate_weight, on=gated:

@@ -8,12 +8,14 @@ from typing import Any, Optional
 from huggingface_hub import HfApi
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from ..core.checkpoint import GATE_CONFIG_KEY
-from ..core.errors import GatedCheckpointError
-from .files import find_weight_files, read_json
-from .format import is_gated_model_type
+from gated_patch.checkpoints.format import is_gated_model_type
+from gated_patch.checkpoints.remote_code import REMOTE_CODE_FILE
+from gated_patch.checkpoints.weights import find_weight_files
+from gated_patch.core.errors import GatedCheckpointError
+from gated_patch.core.model import GATE_CONFIG_KEY
+from gated_patch.files import read_json
+
 from .model_card import MODEL_CARD_FILE
-from .remote_code import REMOTE_CODE_FILE
 
 
 def check_pushable(folder: Path) -> dict:
