@@ -184,6 +184,8 @@ SUITES = [  # (venv, make target): the suites a locked CI run executes, against 
 def test_latest() -> int:
     """Build every venv from the newest releases, run every suite, report what moved and what broke."""
     PASSED.unlink(missing_ok=True)
+    for directory in LATEST.values():  # built again from what the registries serve now, not reused
+        (ROOT / directory / ".installed").unlink(missing_ok=True)
     overrides = [f"VENV={LATEST['main']}", f"DEMO_VENV={LATEST['demo']}", f"OLDEST_VENV={LATEST['oldest']}",
                  f"VLLM_VENV={LATEST['vllm']}", "VENV_SOURCE=--latest"]
     results = []
