@@ -60,6 +60,8 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              v_head_dim=16, image_size=32, patch_size=8, vision_layers=2, word_embed_proj_dim=64,
              rotary_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 IDS = [[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7]]
+#: Hybrids whose default config has no softmax-attention layer: one layer of each kind.
+LAYER_KINDS = {"granitemoehybrid": {"layer_types": ["mamba", "attention"], "num_hidden_layers": 2}}
 
 
 def _fields(config_class: type) -> set[str]:
@@ -85,11 +87,23 @@ def tiny_config(model_type: str):
 
 
 def _sized(config_class: type, default) -> dict:
-    kwargs = {key: value for key, value in SIZES.items() if key in _fields(config_class)}
-    layer_types = getattr(default, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and "layer_types" in _fields(config_class):
-        kwargs["layer_types"] = list(layer_types[:SIZES["num_hidden_layers"]])
-    return kwargs
+    """Small sizes for the fields `config_class` has. A hybrid keeps one layer of each kind its default config has
+    (attention among them), so that its tiny model has the layers the gate must find and those it must leave alone."""
+    fields = _fields(config_class)
+    kwargs = {key: value for key, value in SIZES.items() if key in fields}
+    if "qk_rope_head_dim" in fields:  # multi-head latent attention: rope over qk_rope_head_dim, keys for every head
+        kwargs.update(head_dim=SIZES["qk_rope_head_dim"], num_key_value_heads=SIZES["num_attention_heads"])
+    for field in ("layer_types", "layers_block_type"):
+        layer_types = getattr(default, field, None)
+        if isinstance(layer_types, (list, tuple)) and field in fields:
+            kinds = list(dict.fromkeys(layer_types))
+            count = max(SIZES["num_hidden_layers"], len(kinds))
+            kwargs.update({field: (kinds * count)[:count], "num_hidden_layers": count})
+    if "attn_layer_period" in fields:  # Jamba: attention at layer 1 of every 2
+        kwargs.update(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1)
+    if "attn_layer_indices" in fields:  # Bamba
+        kwargs["attn_layer_indices"] = [1]
+    return {**kwargs, **LAYER_KINDS.get(getattr(config_class, "model_type", None), {})}
 
 
 @torch.no_grad()
@@ -104,9 +118,15 @@ def _randomize_gates(model, seed: int = 1) -> None:
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
 
 
+def _first_attention(model, family):
+    """The attention module of the first gated decoder layer (in a hybrid, the first with softmax attention)."""
+    index = family.attention_layers[0] if family.attention_layers else 0
+    return getattr(model.get_submodule(family.decoder_layers)[index], family.attention)
+
+
 def _first_layer_io(model, family):
-    """(X, Y) of the first decoder layer's attention: its input and its output projection's input."""
-    attention = getattr(model.get_submodule(family.decoder_layers)[0], family.attention)
+    """(X, Y) of the first gated layer's attention: its input and its output projection's input."""
+    attention = _first_attention(model, family)
     seen = {}
 
     def hold_x(module, args, kwargs):
@@ -177,7 +197,7 @@ def check_family(model_type: str, workdir: Path) -> dict:
         _randomize_gates(model)
         gated = _logits(model)
         x, y = _first_layer_io(model, family)
-        attention = getattr(model.get_submodule(family.decoder_layers)[0], family.attention)
+        attention = _first_attention(model, family)
         with torch.no_grad():
             unpatched_y = copy.deepcopy(model)
             gp.unpatch_model(unpatched_y)

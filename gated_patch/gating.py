@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from .core.model import (GATE_CONFIG_KEY, GATE_MODULES_KEY, add_gates, decoder_l
                          original_class)
 from .core.parallel import remove_gate_tp_plan
 from .core.versions import check_transformers_version
-from .guards import check_attention_structure, refresh_output_recording
+from .guards import check_attention_structure, refresh_output_recording, value_head_size
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class ModelFamily:
         decoder_layers: dotted path from the causal LM to its list of decoder layers.
         attention: attribute name of the attention module in a decoder layer.
         output_projection: attribute name of the output projection in the attention module.
+        attention_layers: in a hybrid, the indices of the decoder layers with softmax attention (None: every layer).
     """
 
     model_type: str
@@ -42,12 +43,14 @@ class ModelFamily:
     decoder_layers: str = "model.layers"
     attention: str = "self_attn"
     output_projection: str = "o_proj"
+    attention_layers: Optional[tuple[int, ...]] = None  # a hybrid's layers with softmax attention (None: every layer)
 
     @property
-    def gate_modules(self) -> dict[str, str]:
+    def gate_modules(self) -> dict:
         """The ``attn_output_gate_modules`` entry of this family's gated configs."""
-        return {"decoder_layers": self.decoder_layers, "attention": self.attention,
-                "output_projection": self.output_projection}
+        modules = {"decoder_layers": self.decoder_layers, "attention": self.attention,
+                   "output_projection": self.output_projection}
+        return modules if self.attention_layers is None else {**modules, "attention_layers": list(self.attention_layers)}
 
     def resolve_attention_class(self) -> type:
         if isinstance(self.attention_class, type):
@@ -118,10 +121,11 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) ->
     except GatedCheckpointError as exc:
         raise UnsupportedModelError(f"Cannot gate {type(model).__name__} (model_type {family.model_type!r}): its config "
                                     f"does not give one attention size for every layer ({exc})") from None
-    for index in gate.layer_indices(len(layers)):
+    for index in gate.layer_indices(len(layers), family.attention_layers):
         if getattr(layers[index], family.attention, None) is None:
             raise NotPatchedError(f"Decoder layer {index} has no `{family.attention}` module; check the registration.")
     text_config, num_heads = model.config.get_text_config(), model.config.get_text_config().num_attention_heads
+    head_size = value_head_size(text_config)
     for where in gated_attention_paths(model, gate, modules):
         attention = model.get_submodule(where)
         projection = getattr(attention, family.output_projection, None)
@@ -132,9 +136,9 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) ->
                 f"Cannot gate {where}: its weights are already split across ranks (DTensor: tensor parallelism or FSDP). "
                 "Patch the model before sharding it, or patch and save it in one process and load the gated checkpoint "
                 "with tp_plan='auto' (transformers then shards the gates with the heads).")
-        check_attention_structure(attention, where, family.output_projection, num_heads, family.resolve_attention_class(),
-                                  family.model_type)
-        shape = gate_shape(gate, text_config.hidden_size, num_heads, projection.in_features // num_heads)
+        check_attention_structure(attention, where, family.output_projection, num_heads, head_size,
+                                  family.resolve_attention_class(), family.model_type)
+        shape = gate_shape(gate, text_config.hidden_size, num_heads, head_size)
         if shape != expected[f"{where}.{GATE_MODULE_NAME}.weight"]:
             raise UnsupportedModelError(f"Cannot gate {where} of {type(model).__name__}: its attention gives gate shape "
                                         f"{shape}, the config {expected[next(iter(expected))]} (per-layer head sizes?)")

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM
 
 import gated_patch as gp
 from gated_patch.core.versions import MAX_TRANSFORMERS, MIN_TRANSFORMERS, check_transformers_version
@@ -217,12 +217,14 @@ def test_builtin_model_types():
 
 
 def test_a_family_that_does_not_fit_is_refused_with_the_reason_and_how_to_register():
-    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    from transformers import MambaConfig
+
+    model = AutoModelForCausalLM.from_config(MambaConfig(num_hidden_layers=1, hidden_size=32, vocab_size=50, state_size=4))
     with pytest.raises(gp.UnsupportedModelError) as info:
         gp.patch_model(model)
     message = str(info.value)
-    assert "'gpt2'" in message and "no single self-attention module with projections" in message
-    assert "register_model_type('gpt2'" in message and not gp.is_patched(model)
+    assert "'mamba'" in message and "no decoder layer (MambaBlock) has a self-attention module" in message
+    assert "register_model_type('mamba'" in message and not gp.is_patched(model)
 
 
 def _tiny_mixtral():

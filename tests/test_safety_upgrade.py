@@ -26,10 +26,11 @@ IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 3, 4, 5, 6, 7]])
 
 @pytest.fixture
 def fresh_structure_cache():
-    for cached in (guards.forward_calls_projection_once, guards.forward_source):
+    caches = (guards.forward_calls_projection_once, guards.forward_source, guards.projection_calls)
+    for cached in caches:
         cached.cache_clear()
     yield
-    for cached in (guards.forward_calls_projection_once, guards.forward_source):
+    for cached in caches:
         cached.cache_clear()
 
 
@@ -102,13 +103,14 @@ def test_output_projection_that_is_not_linear_is_refused(fresh_structure_cache):
 
     attention = model.model.layers[1].self_attn
     attention.o_proj = FusedOutput(attention.o_proj)
-    _assert_refused_untouched(model, r"no nn\.Linear named 'o_proj'")
+    _assert_refused_untouched(model, r"no nn\.Linear or Conv1D named 'o_proj'")
 
 
-def test_missing_head_dim_is_refused(fresh_structure_cache):
+def test_an_output_projection_that_does_not_take_every_head_is_refused(fresh_structure_cache):
+    """A low-rank or otherwise transformed output projection: the gate could not act per head on its input."""
     model = tiny_model("llama")
-    del model.model.layers[2].self_attn.head_dim
-    _assert_refused_untouched(model, "head_dim")
+    model.model.layers[2].self_attn.o_proj = nn.Linear(32, model.config.hidden_size)
+    _assert_refused_untouched(model, r"o_proj takes 32 features, not the config's 4 heads x 16 = 64")
 
 
 def _gated_reference():

@@ -21,6 +21,7 @@ from ..core.errors import GatedCheckpointError, UpstreamStructureError
 from ..core.gate import GATE_MODULE_NAME, gate_shape
 from ..core.model import GATE_CONFIG_KEY, GATE_MODULES_KEY, GATED_PREFIX
 from ..files import read_json
+from ..guards import value_head_size
 from .remote_code import REMOTE_MODULE
 
 
@@ -162,13 +163,13 @@ def gate_tensor_shapes(gate: GateConfig, modules: Mapping[str, str], config: Any
     text = config.get_text_config()
     try:
         heads, hidden, num_layers = int(text.num_attention_heads), int(text.hidden_size), int(text.num_hidden_layers)
-        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+        head_dim = value_head_size(text)
     except Exception as exc:  # noqa: BLE001 - missing, invalid or per-layer sizes (transformers' own error types)
         raise GatedCheckpointError(f"{where}: missing or invalid attention sizes ({type(exc).__name__}: {exc}); "
                                    "fix config.json.") from exc
     out_features, in_features = gate_shape(gate, hidden, heads, head_dim)
     shapes = {}
-    for index in gate.layer_indices(num_layers):
+    for index in gate.layer_indices(num_layers, modules.get("attention_layers")):
         prefix = f"{modules['decoder_layers']}.{index}.{modules['attention']}.{GATE_MODULE_NAME}"
         shapes[f"{prefix}.weight"] = (out_features, in_features)
         if gate.bias:

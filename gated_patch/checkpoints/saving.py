@@ -33,7 +33,7 @@ class GatedModelMixin(GatedPreTrainedMixin):
             modules = gate_modules_of(config)
             for where in gated_attention_paths(self, gate_config_of(config), modules):
                 check_loaded_attention(self.get_submodule(where), where, modules["output_projection"],
-                                       config.get_text_config().num_attention_heads)
+                                       config.get_text_config())
             set_config_class(config, original_class(type(config)))
             adopt_gated_classes(self)
 

@@ -14,7 +14,7 @@ from transformers.utils import CONFIG_NAME
 from ..core.config import GateConfig
 from ..core.errors import GateConfigError, GatedCheckpointError
 from ..core.gate import is_gate_name
-from ..core.model import GATE_CONFIG_KEY, gate_modules_of
+from ..core.model import GATE_CONFIG_KEY, GATE_MODULES_KEY, gate_modules_of
 from ..files import read_json
 from .format import config_object, gate_tensor_shapes, is_gated_model_type
 from .weights import FLOAT_DTYPES, find_weight_files, open_shards
@@ -38,7 +38,8 @@ def gate_config_from(config: Mapping, config_path: Path | str) -> tuple[GateConf
         gate = GateConfig.from_dict(dict(data))
         num_layers = (config.get("text_config") or config).get("num_hidden_layers")
         if isinstance(num_layers, int):
-            gate.layer_indices(num_layers)
+            modules = config.get(GATE_MODULES_KEY)
+            gate.layer_indices(num_layers, modules.get("attention_layers") if isinstance(modules, dict) else None)
     except (GateConfigError, TypeError) as exc:
         raise bad(f"invalid {GATE_CONFIG_KEY!r}: {str(exc).rstrip('.')}") from exc
     try:

@@ -60,9 +60,10 @@ class GateConfig:
                                   "a newer gated_patch? Upgrade gated_patch or remove the keys.")
         return cls(**data)
 
-    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
-        """The gated layer indices of a model with `num_layers` decoder layers (validated against it)."""
-        if self.layers is not None and any(i >= num_layers for i in self.layers):
-            raise GateConfigError(f"GateConfig.layers {list(self.layers)} out of range: the model has {num_layers} decoder "
-                                  f"layers (valid indices 0..{num_layers - 1}). Pass layers=None to gate every layer.")
-        return tuple(range(num_layers)) if self.layers is None else tuple(self.layers)
+    def layer_indices(self, num_layers: int, attention_layers: Optional[Sequence[int]] = None) -> tuple[int, ...]:
+        """The gated decoder-layer indices of a model (of a hybrid: among those with softmax attention, validated)."""
+        valid = range(num_layers) if attention_layers is None else tuple(attention_layers)
+        if self.layers is not None and any(i not in valid for i in self.layers):
+            raise GateConfigError(f"GateConfig.layers {list(self.layers)} out of range: the model has {num_layers} decoder layers, "
+                                  f"with attention in {list(valid)}. Pass layers=None to gate every layer with attention.")
+        return tuple(valid) if self.layers is None else tuple(self.layers)

@@ -24,8 +24,7 @@ class AttentionGateLinear(nn.Linear):
     tensors that were loaded from a checkpoint alone.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, init: str, init_std: float,
-                 device=None, dtype=None) -> None:
+    def __init__(self, in_features, out_features, *, bias: bool, init: str, init_std: float, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.gate_init, self.init_std = init, init_std
         self.reset_parameters()
@@ -64,8 +63,7 @@ def gate_scores(projection_output: torch.Tensor, config: GateConfig) -> torch.Te
     return scores * config.output_scale if config.output_scale != 1.0 else scores
 
 
-def apply_gate(attn_output: torch.Tensor, hidden_states: torch.Tensor, gate: nn.Module, config: GateConfig,
-               num_heads: int) -> torch.Tensor:
+def apply_gate(attn_output: torch.Tensor, hidden_states: torch.Tensor, gate, config: GateConfig, num_heads: int):
     """``Y * g``: the gate multiplied onto the attention output (the flattened ``[..., heads * head_dim]`` input of o_proj)."""
     scores = gate_scores(gate(hidden_states if config.gate_input == "hidden_states" else attn_output), config)
     if config.granularity == "elementwise":

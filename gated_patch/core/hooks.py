@@ -19,6 +19,11 @@ _HOOKS, _CONTEXT = "_gated_attention_hooks", "_gated_attention_input"  # __dict_
 GATE_ATTRIBUTES = ("gate_config", "gate_num_heads", "gate_head_dim", "gate_projection_name")  # set on a gated attention
 
 
+def input_width(projection: nn.Module) -> int:
+    """The input features of an output projection: an `nn.Linear`, or transformers' `Conv1D` (GPT-2; weight [in, out])."""
+    return projection.in_features if isinstance(projection, nn.Linear) else projection.nx
+
+
 def is_gated_attention(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("gate_config"), GateConfig)
 
@@ -67,7 +72,7 @@ def attach_gate(attention: nn.Module, config: GateConfig, text_config, output_pr
     `placement(projection)` gives the gate's ``(device, dtype)``; by default the output projection's.
     """
     projection, num_heads = getattr(attention, output_projection), text_config.num_attention_heads
-    head_dim = projection.in_features // num_heads
+    head_dim = (projection.in_features if isinstance(projection, nn.Linear) else projection.nx) // num_heads  # Conv1D: nx
     out_features, in_features = gate_shape(config, text_config.hidden_size, num_heads, head_dim)
     device, dtype = placement(projection) if placement else (projection.weight.device, projection.weight.dtype)
     gate = AttentionGateLinear(in_features, out_features, bias=config.bias, init=config.init, device=device, dtype=dtype,

@@ -36,7 +36,8 @@ def gate_config_of(config: Any, where: str = "config") -> GateConfig:
 def gate_modules_of(config: Any) -> dict[str, str]:
     """Where a config (or config dict) puts the gates: decoder layers, attention module in a layer, output projection."""
     modules = (config if isinstance(config, dict) else vars(config)).get(GATE_MODULES_KEY) or DEFAULT_GATE_MODULES
-    if not isinstance(modules, dict) or set(modules) != set(DEFAULT_GATE_MODULES) or {type(p) for p in modules.values()} != {str}:
+    if not isinstance(modules, dict) or set(modules) - {"attention_layers"} != set(DEFAULT_GATE_MODULES) or not all(
+            isinstance(modules[key], str) for key in DEFAULT_GATE_MODULES):  # and, for a hybrid, its attention layers
         raise GatedCheckpointError(f"{GATE_MODULES_KEY!r} must map {sorted(DEFAULT_GATE_MODULES)} to module paths, got {modules!r}")
     return dict(modules)
 
@@ -55,8 +56,8 @@ def decoder_layers_path(model: nn.Module, path: str) -> str:
 
 def gated_attention_paths(model: nn.Module, gate: GateConfig, modules: dict[str, str]) -> list[str]:
     """The module path of every attention module of `model` that `gate` selects."""
-    path = decoder_layers_path(model, modules["decoder_layers"])
-    return [f"{path}.{i}.{modules['attention']}" for i in gate.layer_indices(len(model.get_submodule(path)))]
+    path, hybrid = decoder_layers_path(model, modules["decoder_layers"]), modules.get("attention_layers")
+    return [f"{path}.{i}.{modules['attention']}" for i in gate.layer_indices(len(model.get_submodule(path)), hybrid)]
 
 
 def add_gates(model: nn.Module, gate: GateConfig, modules: dict[str, str], placement: Optional[Callable] = None) -> None:

@@ -33,8 +33,9 @@ def check_gate_sharding(model: nn.Module) -> None:
     """
     for name, attention in model.named_modules():
         if isinstance(attention.__dict__.get("gate_config"), GateConfig):  # a gated attention module
-            weight, gate = getattr(attention, attention.gate_projection_name).weight, getattr(attention, GATE_MODULE_NAME).weight
-            rows = weight.shape[-1] // (1 if attention.gate_config.granularity == "elementwise" else attention.gate_head_dim)
+            projection, gate = getattr(attention, attention.gate_projection_name), getattr(attention, GATE_MODULE_NAME).weight
+            weight, per_row = projection.weight, 1 if attention.gate_config.granularity == "elementwise" else attention.gate_head_dim
+            rows = weight.shape[-1 if isinstance(projection, nn.Linear) else 0] // per_row  # this rank's input (Conv1D: [in, out])
             heads_split, gate_split = getattr(weight, "placements", ()), getattr(gate, "placements", ())
             if (weight.is_floating_point() and gate.shape[0] != rows) or len(gate_split) != len(heads_split) or not all(
                     g.is_shard(0) if h.is_shard(1) else g == h for h, g in zip(heads_split, gate_split)):

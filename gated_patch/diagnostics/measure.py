@@ -14,7 +14,7 @@ from ..core.errors import UpstreamStructureError
 from ..core.hooks import is_gated_attention
 from ..core.model import GATE_CONFIG_KEY
 from ..patching import base_model_of
-from .probes import GATE_THRESHOLDS, MetricProbes, attention_module, eager_attention, eval_mode
+from .probes import GATE_THRESHOLDS, MetricProbes, eager_attention, eval_mode
 
 FIRST_TOKEN_NOTE = (
     "first-token share (F-Attn): attention weight on position 0 of each window, averaged over heads and over query "
@@ -211,8 +211,7 @@ def inspect_model(
         for batch in tqdm(batches, desc=f"inspect {label or type(model).__name__}", disable=not progress):
             model(input_ids=torch.tensor(batch, device=device), use_cache=False)
 
-    layers = [_layer_stats(index, attention_module(model, layer), acc)
-              for index, (layer, acc) in enumerate(zip(probes.layers, probes.accumulators))]
+    layers = [_layer_stats(index, attention, probes.accumulators[index]) for index, _, attention in probes.layers]
     gate = getattr(model.config, GATE_CONFIG_KEY, None)
     result = Inspection(
         label=label or ("gated" if gate else "baseline"),

@@ -18,7 +18,7 @@ from torch import nn
 from ..core.gate import GATE_MODULE_NAME, gate_scores
 from ..core.hooks import is_gated_attention
 from ..patching import base_model_of
-from .probes import HookSet, attention_module, attention_weights, decoder_layers, eager_attention, eval_mode
+from .probes import HookSet, attention_layers, attention_weights, eager_attention, eval_mode
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ class _PositionProbes(HookSet):
         self.gate: dict[int, torch.Tensor] = {}  # layer -> [batch, queries]
 
     def install(self) -> None:
-        for index, layer in enumerate(decoder_layers(self.model)):
-            attention = attention_module(self.model, layer)
+        for index, _, attention in attention_layers(self.model):
             self._handles.append(attention.register_forward_hook(self._attention_hook(index)))
             if is_gated_attention(attention):
                 gate = getattr(attention, GATE_MODULE_NAME)

@@ -64,6 +64,13 @@ def attention_module(model: nn.Module, layer: nn.Module) -> nn.Module:
     return attention
 
 
+def attention_layers(model: nn.Module) -> list[tuple[int, nn.Module, nn.Module]]:
+    """``(decoder-layer index, layer, attention module)`` of every layer with softmax attention (in a hybrid, not
+    its state-space or linear-attention layers)."""
+    layers, indices = decoder_layers(model), family_for(model).attention_layers
+    return [(i, layers[i], attention_module(model, layers[i])) for i in (range(len(layers)) if indices is None else indices)]
+
+
 @contextlib.contextmanager
 def eager_attention(model: nn.Module) -> Iterator[str]:
     """Run `model` with eager attention (the only implementation that materialises attention weights) inside the
@@ -138,12 +145,11 @@ class MetricProbes(HookSet):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.layers = list(decoder_layers(model))
-        self.accumulators = [LayerAccumulator() for _ in self.layers]
+        self.layers = attention_layers(model)  # (decoder-layer index, layer, attention)
+        self.accumulators = {index: LayerAccumulator() for index, _, _ in self.layers}
 
     def install(self) -> None:
-        for index, layer in enumerate(self.layers):
-            attention = attention_module(self.model, layer)
+        for index, layer, attention in self.layers:
             self._handles.append(attention.register_forward_hook(self._attention_hook(index)))
             self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
             self._install_output_hooks(index, attention)
