@@ -8,7 +8,9 @@ checks (all float32, eager attention):
   gate acts   non-zero gates change the logits, and the first gated layer's output projection receives exactly
               Y * gate(X) computed independently from the unpatched model's own Y and X
   cache       greedy generation with the KV cache equals generation without it
-  plugin      save_pretrained + AutoModelForCausalLM.from_pretrained: the patched class, equal logits
+  plugin      save_pretrained writes the tensors the unpatched model's save_pretrained writes, under the same names
+              (what vLLM and llama.cpp read), plus the gates; AutoModelForCausalLM.from_pretrained gives the patched
+              class and equal logits
   remote      the same checkpoint in a process where gated_patch cannot be imported, trust_remote_code=True:
               logits within 1e-5 (transformers gives classes outside its own files its eager MoE kernels)
   peft        gate_only_config: one training step moves only gate tensors; the adapter saved and loaded back with
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import platform
@@ -39,13 +40,14 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import safe_open
 from tqdm import tqdm
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging
 
 import gated_patch as gp
-from gated_patch.core.hooks import is_gated_attention
+from gated_patch.core.gate import is_gate_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "families.md"
@@ -104,6 +106,15 @@ def _sized(config_class: type, default) -> dict:
     if "attn_layer_indices" in fields:  # Bamba
         kwargs["attn_layer_indices"] = [1]
     return {**kwargs, **LAYER_KINDS.get(getattr(config_class, "model_type", None), {})}
+
+
+def saved_tensor_names(path: Path) -> set[str]:
+    """The tensor names of a checkpoint folder, as written (after transformers' conversions back to the saved names)."""
+    names = set()
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            names.update(handle.keys())
+    return names
 
 
 @torch.no_grad()
@@ -177,6 +188,8 @@ def check_family(model_type: str, workdir: Path) -> dict:
     except Exception as exc:  # noqa: BLE001
         row["detail"] = f"unpatched forward fails: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
         return row
+    model.save_pretrained(workdir / f"{model_type}-unpatched")
+    upstream_names = saved_tensor_names(workdir / f"{model_type}-unpatched")
     try:
         gp.patch_model(model, gp.GateConfig(granularity="headwise" if len(model_type) % 2 else "elementwise"))
     except gp.GatedPatchError as exc:
@@ -214,7 +227,10 @@ def check_family(model_type: str, workdir: Path) -> dict:
         model.save_pretrained(path)
         loaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
         plugin = (_logits(loaded) - gated).abs().max().item()
-        check("plugin", type(loaded) is type(model) and plugin == 0.0, plugin)
+        saved = saved_tensor_names(path)  # the unpatched model's names, and one more for each gate tensor
+        names = upstream_names <= saved and sorted(is_gate_name(n) for n in saved - upstream_names) == [True] * len(
+            list(gp.gate_parameters(model)))
+        check("plugin", type(loaded) is type(model) and plugin == 0.0 and names, plugin)
         torch.save(gated, path / "expected_logits.pt")
         row["checkpoint"] = str(path)
         _check_peft(model_type, path, gated, check)

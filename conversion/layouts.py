@@ -26,6 +26,7 @@ import torch
 from gated_patch.core.config import GateConfig
 from gated_patch.core.errors import GatedCheckpointError
 from gated_patch.core.gate import gate_shape
+from gated_patch.guards import value_head_size
 
 PLUGIN = "plugin"
 PAPER = "paper"
@@ -48,8 +49,7 @@ class AttentionShape:
         text = config.get_text_config()
         heads = text.num_attention_heads
         return cls(hidden_size=text.hidden_size, num_heads=heads,
-                   num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads)
+                   num_kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=value_head_size(text))
 
     @property
     def group(self) -> int:

@@ -1,9 +1,9 @@
 """Planning a conversion: read a source checkpoint's config and weight headers, and decide every output tensor.
 
-The planner never loads a model. It validates every source file first (so a truncated shard fails before anything is
-written), picks the layout planner (add gates, import a fused layout, export to a fused or a native layout), and
-lays the output out shard by shard: shards whose tensors do not change are copied byte for byte, new gate tensors go
-to one extra shard. `write.write_plan` writes the plan; ``--dry-run`` prints `ConversionPlan.describe`.
+The planner never loads a model (it builds one on the meta device, to learn which names the files hold). It
+validates every source file first (so a truncated shard fails before anything is written), picks the layout planner
+(add gates, import a fused layout, export to a fused or a native layout), and lays the output out shard by shard:
+shards whose tensors do not change are copied byte for byte, new gate tensors go to one extra shard. `write.write_plan` writes the plan; ``--dry-run`` prints `ConversionPlan.describe`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME
 
 from gated_patch.checkpoints.format import (config_object, family_of, gated_config_entries, is_gated_model_type,
                                             remove_gated_entries)
+from gated_patch.checkpoints.names import CHECKPOINT_ATTENTION, checkpoint_attention, saved_name_function
 from gated_patch.checkpoints.validate import check_gate_tensors, gate_config_from
 from gated_patch.checkpoints.weights import DTYPES, SourceShard, find_weight_files, open_shards, tensor_nbytes
 from gated_patch.core.config import GateConfig
 from gated_patch.core.errors import GatedCheckpointError
 from gated_patch.core.gate import GATE_MODULE_NAME, is_gate_name
-from gated_patch.families import family_for_config
+from gated_patch.families import family_for
 from gated_patch.files import read_json
 
 from . import layouts, native
@@ -106,8 +107,10 @@ class Source:
     shards: list[SourceShard]
     by_name: dict[str, SourceShard]
 
+    saved_name: Callable[[str], str]  # a module path's tensor name -> the name the files hold it under
+
     def name(self, layer: int, module: str, kind: str) -> str:
-        return f"{self.modules['decoder_layers']}.{layer}.{self.modules['attention']}.{module}.{kind}"
+        return self.saved_name(f"{self.modules['decoder_layers']}.{layer}.{self.modules['attention']}.{module}.{kind}")
 
     def entry(self, name: str) -> tuple[str, tuple]:
         if name not in self.by_name:
@@ -236,8 +239,8 @@ def _add_gates(src: Source, gate: GateConfig, seed: int, config: dict) -> Tensor
     if any(is_gate_name(name) for name in src.by_name):
         raise GatedCheckpointError(f"{src.path}: has gate tensors but model_type {src.config.get('model_type')!r}; it is "
                                    "not a plain checkpoint.")
-    query = src.name(0, QUERY_PROJECTION, "weight")
-    if src.entry(query)[1][0] != shape.num_heads * shape.head_dim:
+    query = src.name(0, QUERY_PROJECTION, "weight")  # a family with a separate query projection: a fused gate in it?
+    if query in src.by_name and src.entry(query)[1][0] != shape.num_heads * shape.head_dim:
         raise GatedCheckpointError(
             f"{src.by_name[query].path}: q_proj has {src.entry(query)[1][0]} rows, not heads*head_dim="
             f"{shape.num_heads * shape.head_dim}: a fused gate layout? Pass --source-layout qwen3-next (per head "
@@ -245,7 +248,7 @@ def _add_gates(src: Source, gate: GateConfig, seed: int, config: dict) -> Tensor
     std = src.config.get("initializer_range") or 0.02
     in_features = shape.hidden_size if gate.gate_input == "hidden_states" else shape.num_heads * shape.head_dim
     rows = shape.gate_rows(gate.granularity)
-    for i in gate.layer_indices(src.num_layers):
+    for i in gate.layer_indices(src.num_layers, src.modules.get("attention_layers")):
         dtype = src.entry(src.name(i, src.modules["output_projection"], "weight"))[0]
 
         def weight(layer=i, torch_dtype=DTYPES[dtype]):
@@ -317,8 +320,6 @@ def _read_source(source: Path, allow_pickle: bool) -> tuple[Source, Optional[Gat
     gate = None
     if is_gated_model_type(model_type):
         gate, modules = gate_config_from(config, config_path)  # a malformed section: an error naming the file
-    else:
-        modules = family_for_config(config).gate_modules  # an unsupported family: an error naming the reason
     family = family_of(model_type)
     try:
         upstream_config = config_object(config_path)
@@ -326,12 +327,19 @@ def _read_source(source: Path, allow_pickle: bool) -> tuple[Source, Optional[Gat
         num_layers = upstream_config.get_text_config().num_hidden_layers
     except (KeyError, AttributeError) as exc:
         raise GatedCheckpointError(f"{config_path}: {exc}; SRC must be a complete transformers {family} config.") from None
+    with torch.device("meta"):  # no weights: the model says which modules get gates, and which names its files hold
+        model = AutoModelForCausalLM.from_config(upstream_config)
+    if gate is None:
+        modules = family_for(model).gate_modules  # an unsupported family: an error naming the reason
+        saved_as = checkpoint_attention(model, modules["decoder_layers"], modules["attention"],
+                                        GateConfig().layer_indices(num_layers, modules.get("attention_layers")))
+        modules = {**modules, CHECKPOINT_ATTENTION: saved_as} if saved_as else modules
     shards, by_name = source_shards(source, allow_pickle)
     if gate is not None:  # wrong-shaped, non-float, missing or extra gate tensors: refused before writing
         listing = shards[0].path if len(shards) == 1 else source / SAFE_WEIGHTS_INDEX_NAME
         check_gate_tensors(gate, modules, config_path, {n: s.entries[n] for n, s in by_name.items()},
                            {n: s.path for n, s in by_name.items()}, listing)
-    return Source(source, config, family, modules, shape, num_layers, shards, by_name), gate
+    return Source(source, config, family, modules, shape, num_layers, shards, by_name, saved_name_function(model)), gate
 
 
 def _tensor_plan(src: Source, gate: Optional[GateConfig], new_gate: GateConfig, source_layout: str,

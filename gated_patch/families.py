@@ -11,9 +11,8 @@ from __future__ import annotations
 import re
 from typing import Union
 
-import torch
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+from transformers import CONFIG_MAPPING
 from transformers.utils import logging
 
 from .checkpoints.format import family_heads
@@ -90,20 +89,6 @@ def get_model_family(model_type: str) -> ModelFamily:
         raise UnsupportedModelError(f"model_type {model_type!r} is not registered; registered: {registered_model_types()}. "
                                     "Unregistered families are found from the model's structure: use family_for(model).")
     return family
-
-
-def family_for_config(config: dict) -> ModelFamily:
-    """The family of the model a ``config.json`` (as a dict) describes: registered, or found from the structure of
-    that model built on the meta device (no memory, no weights)."""
-    model_type = config.get("model_type")
-    if model_type in _FAMILIES:
-        return _FAMILIES[model_type]
-    if model_type not in CONFIG_MAPPING:
-        raise UnsupportedModelError(f"model_type {model_type!r} is not a transformers model type; register the family "
-                                    "(gated_patch.register_model_type) or upgrade transformers.")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type].from_dict(dict(config)))
-    return discover_family(model)
 
 
 def family_for(model: nn.Module) -> ModelFamily:

@@ -168,7 +168,7 @@ def _bad_json(path: Path) -> Path:
 def _unsupported(path: Path) -> Path:
     src = make_source(path)
     config = json.loads((src / "config.json").read_text())
-    config["model_type"] = "gpt2"
+    config["model_type"] = "mamba"  # a state-space model: no attention to gate
     (src / "config.json").write_text(json.dumps(config))
     return src
 
@@ -179,7 +179,7 @@ def _unsupported(path: Path) -> Path:
         (lambda p: p, r"SRC .*src: no such directory\. Pass a local checkpoint directory or a Hub repo id"),
         (_bad_json, r"src/config\.json: cannot read it as JSON .*restore or re-download"),
         (_bin_source, r"src/pytorch_model\.bin: pickled PyTorch weights are refused .*--allow-pickle"),
-        (_unsupported, r"Cannot gate GPT2LMHeadModel \(model_type 'gpt2'\).*register_model_type\('gpt2'"),
+        (_unsupported, r"Cannot gate MambaForCausalLM \(model_type 'mamba'\).*register_model_type\('mamba'"),
         (_truncated, r"src/model-00002-of-\d+\.safetensors: not a complete safetensors file .*Download or copy it again"),
     ],
     ids=["missing", "unreadable-config", "pickle", "unsupported", "truncated"],

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import gated_patch  # noqa: F401  (registers the gated checkpoint classes)
 from conversion import convert as convert_cli
-from gated_patch import GateConfig, GatedCheckpointError, GatedPatchError, patch_model
+from gated_patch import GateConfig, GatedPatchError, patch_model
 
 GATE = "model.layers.1.self_attn.attn_gate.weight"
 

@@ -7,6 +7,7 @@ own config (`benchmarks/family_coverage.py`); the save/load, remote-code and PEF
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import gated_patch
-from gated_patch import GateConfig, UpstreamStructureError
+from gated_patch import GateConfig
 from gated_patch.diagnostics import inspect_model
 from gated_patch.guards import forward_calls_projection_once
 
@@ -175,3 +176,78 @@ def test_a_changed_gpt2_attention_is_refused_before_anything_changes(monkeypatch
             cached.cache_clear()
     assert not gated_patch.is_patched(model)
     assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "deepseek_v3", "jamba", "mixtral", "exaone", "gemma3",
+                                        "nemotron_h"])
+def test_the_converter_gates_a_saved_checkpoint_as_patch_model_does(tmp_path, model_type):
+    """The streaming converter reads the family from the checkpoint alone (no model built): gate names, shapes and
+    the hybrid's attention layers match what patch_model makes, and the identity gates leave the logits unchanged.
+    The source's tensors keep their saved names (GPT-NeoX's ``embed_out``, Mixtral's per-expert weights, EXAONE's
+    ``transformer.h``, Gemma 3's ``language_model.model``), the gates go where the family's files put the attention,
+    and the gated class loads them all through the upstream class's conversions."""
+    from conversion.convert import main as convert
+
+    plain = tiny(model_type)
+    plain.save_pretrained(tmp_path / "src")
+    assert convert([str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress"]) == 0
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    patched = gated_patch.patch_model(tiny(model_type))
+    shapes = {name: p.shape for name, p in gated_patch.gate_parameters(converted)}
+    assert shapes == {name: p.shape for name, p in gated_patch.gate_parameters(patched)} and shapes
+    patched.save_pretrained(tmp_path / "patched")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["attn_output_gate_modules"] == json.loads(
+        (tmp_path / "patched" / "config.json").read_text())["attn_output_gate_modules"]
+    assert family_coverage.saved_tensor_names(tmp_path / "out") == family_coverage.saved_tensor_names(
+        tmp_path / "patched")
+    assert torch.equal(converted(IDS).logits, plain(IDS).logits)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "mixtral", "qwen2_moe"])
+def test_a_gated_checkpoint_names_its_tensors_as_the_upstream_class_does(tmp_path, model_type):
+    """transformers renames some weights on load and back on save (GPT-NeoX's embed_out, MoE experts fused): a gated
+    checkpoint is written under the names the plain family's checkpoint has, the names vLLM and llama.cpp read."""
+    plain = tiny(model_type)
+    plain.save_pretrained(tmp_path / "plain")
+    gated = gated_patch.patch_model(tiny(model_type))
+    randomize_gates(gated)
+    gated.save_pretrained(tmp_path / "gated")
+    gates = {name for name, _ in gated_patch.gate_parameters(gated)}
+    assert family_coverage.saved_tensor_names(tmp_path / "gated") == family_coverage.saved_tensor_names(
+        tmp_path / "plain") | gates  # these families rename no attention module: the gates keep their module paths
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gated", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, gated(IDS).logits)
+
+
+@pytest.mark.parametrize("model_type, saved_as", [
+    ("exaone", "transformer.h.{}.attn.attention"),  # EXAONE's published layout; transformers builds a Llama
+    ("gemma3", "language_model.model.layers.{}.self_attn"),  # the multimodal checkpoints' text model
+    ("nemotron_h", "backbone.layers.{}.mixer"),
+    ("llama", None),  # no renames: the module paths are the file names, nothing recorded
+])
+def test_the_config_records_where_the_files_hold_the_gates(tmp_path, model_type, saved_as):
+    model = gated_patch.patch_model(tiny(model_type))
+    randomize_gates(model)
+    model.save_pretrained(tmp_path)
+    modules = json.loads((tmp_path / "config.json").read_text())["attn_output_gate_modules"]
+    assert modules.get("checkpoint_attention") == saved_as
+    layers = gated_patch.family_for(model).attention_layers or range(2)
+    template = saved_as or f"{modules['decoder_layers']}.{{}}.{modules['attention']}"
+    assert {f"{template.format(i)}.attn_gate.{kind}" for i in layers for kind in ("weight", "bias")} == {
+        name for name in family_coverage.saved_tensor_names(tmp_path) if ".attn_gate." in name}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_a_malformed_checkpoint_attention_is_refused_naming_the_file(tmp_path):
+    model = gated_patch.patch_model(tiny("exaone"))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["attn_output_gate_modules"]["checkpoint_attention"] = "transformer.h.attn.attention"  # no {} for the layer
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(gated_patch.GatedCheckpointError, match=r"config\.json: attn_output_gate_modules\.checkpoint_"
+                       r"attention must be a module path with one \{\} for the layer index"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -190,7 +190,6 @@ def test_sigkill_at_random_points(tmp_path, source, reference, context):
 def test_sigkill_while_overwriting_loses_nothing(tmp_path, source, reference, context):
     """Replacing an existing OUT (--overwrite) and killed: OUT is the old or the new complete checkpoint; if the kill
     lands between the two renames of the swap, the old one is intact in the `.OUT.tmp-*` directory beside it."""
-    steps = reference[2]
     rng = random.Random(7)
     old = tmp_path / "old"
     tiny_model("llama", seed=5).save_pretrained(old)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import gated_patch
 from conversion import convert as convert_cli
-from gated_patch import GateConfig, GatedCheckpointError, patch_model
+from gated_patch import GateConfig, patch_model
 from gated_patch.checkpoints.remote_code import REMOTE_CODE_FILE
 from conversion.convert import convert
 

@@ -1,7 +1,8 @@
 """The gated checkpoint format: the one builder of a gated ``config.json``, and the gate tensors it implies.
 
 On disk a gated checkpoint is the upstream checkpoint plus the gate tensors of every gated layer
-(``<decoder_layers>.<i>.<attention>.attn_gate.weight`` and ``.bias``), the remote code file, and a ``config.json``
+(``<decoder_layers>.<i>.<attention>.attn_gate.weight`` and ``.bias``, under the names the family's checkpoints give
+that attention module: see `names`), the remote code file, and a ``config.json``
 with ``model_type: gated_<family>``, the gate config, where the gated modules are and an ``auto_map`` that names the
 remote code's ``Gated<UpstreamClass>`` class for every Auto class transformers has for the family.
 """
@@ -22,6 +23,7 @@ from ..core.gate import GATE_MODULE_NAME, gate_shape
 from ..core.model import GATE_CONFIG_KEY, GATE_MODULES_KEY, GATED_PREFIX
 from ..files import read_json
 from ..guards import value_head_size
+from .names import CHECKPOINT_ATTENTION
 from .remote_code import REMOTE_MODULE
 
 
@@ -159,7 +161,8 @@ def config_object(config_path: Path | str):
 def gate_tensor_shapes(gate: GateConfig, modules: Mapping[str, str], config: Any,
                        where: Any = CONFIG_NAME) -> dict[str, tuple[int, ...]]:
     """``{tensor name: shape}`` of every gate tensor of a model with this transformers config: heads and head size
-    from the (text) config, as the output projection must take them (`gating` checks that when patching)."""
+    from the (text) config, as the output projection must take them (`gating` checks that when patching). The names
+    are the files' where `modules` records them (``checkpoint_attention``, see `names`), else the module paths."""
     text = config.get_text_config()
     try:
         heads, hidden, num_layers = int(text.num_attention_heads), int(text.hidden_size), int(text.num_hidden_layers)
@@ -168,9 +171,9 @@ def gate_tensor_shapes(gate: GateConfig, modules: Mapping[str, str], config: Any
         raise GatedCheckpointError(f"{where}: missing or invalid attention sizes ({type(exc).__name__}: {exc}); "
                                    "fix config.json.") from exc
     out_features, in_features = gate_shape(gate, hidden, heads, head_dim)
-    shapes = {}
+    shapes, attention = {}, modules.get(CHECKPOINT_ATTENTION) or f"{modules['decoder_layers']}.{{}}.{modules['attention']}"
     for index in gate.layer_indices(num_layers, modules.get("attention_layers")):
-        prefix = f"{modules['decoder_layers']}.{index}.{modules['attention']}.{GATE_MODULE_NAME}"
+        prefix = f"{attention.format(index)}.{GATE_MODULE_NAME}"
         shapes[f"{prefix}.weight"] = (out_features, in_features)
         if gate.bias:
             shapes[f"{prefix}.bias"] = (out_features,)

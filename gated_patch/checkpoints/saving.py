@@ -3,17 +3,19 @@ gated checkpoint format (see `format`). A patched model and a model loaded with 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel
 
 from ..core.errors import GatedCheckpointError
-from ..core.model import (GATE_CONFIG_KEY, GATE_MODULES_KEY, GatedPreTrainedMixin, gate_config_of, gate_modules_of,
-                          decoder_layers_path, gated_attention_paths, gated_config_class, gated_subclass,
+from ..core.model import (GATE_CONFIG_KEY, GATE_MODULES_KEY, GatedConfigMixin, GatedPreTrainedMixin, decoder_layers_path,
+                          gate_config_of, gate_modules_of, gated_attention_paths, gated_config_class, gated_subclass,
                           original_class)
 from ..guards import check_loaded_attention, refresh_output_recording
 from .format import gate_tensor_shapes, gated_config_entries, set_config_class
+from .names import CHECKPOINT_ATTENTION, checkpoint_attention
 from .remote_code import write_remote_code
 from .validate import check_local_checkpoint
 
@@ -28,6 +30,8 @@ class GatedModelMixin(GatedPreTrainedMixin):
     (``gated_<family>`` config, gate tensors, remote code)."""
 
     def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+        if isinstance(config, GatedConfigMixin):  # the model gets the upstream config class below; the caller's stays
+            config = copy.copy(config)
         super().__init__(config, *args, **kwargs)
         if hasattr(config, GATE_CONFIG_KEY):  # built from a gated config: checked, and exactly what patch_model makes
             modules = gate_modules_of(config)
@@ -97,7 +101,8 @@ def save_gated_checkpoint(model, plain_save, save_directory, *args: Any, **kwarg
             "Save to a directory, then upload it: `gated-patch-push DIR --repo-id REPO`.")
     config = model.config
     gate, modules = gate_config_of(config, f"{type(model).__name__}.config"), gate_modules_of(config)
-    modules = {**modules, "decoder_layers": decoder_layers_path(model, modules["decoder_layers"])}  # as this class saves
+    modules = {**{key: value for key, value in modules.items() if key != CHECKPOINT_ATTENTION},  # read off `model` below
+               "decoder_layers": decoder_layers_path(model, modules["decoder_layers"])}  # as this class saves
     state_dict = kwargs.get("state_dict")
     if state_dict is not None:  # e.g. from a Trainer: it must still hold every gate tensor
         missing = sorted(set(gate_tensor_shapes(gate, modules, config)) - set(state_dict))
@@ -105,8 +110,11 @@ def save_gated_checkpoint(model, plain_save, save_directory, *args: Any, **kwarg
             raise GatedCheckpointError(
                 f"save_pretrained(state_dict=...) lacks the gate tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
                 "the checkpoint could not be loaded. Pass a state dict of the whole patched model, e.g. model.state_dict().")
+    layers = gate.layer_indices(len(model.get_submodule(modules["decoder_layers"])), modules.get("attention_layers"))
+    saved_as = checkpoint_attention(model, modules["decoder_layers"], modules["attention"], layers)
     upstream_config = original_class(type(config))
-    entries = gated_config_entries(upstream_config, original_class(type(model)), gate, modules,
+    entries = gated_config_entries(upstream_config, original_class(type(model)), gate,
+                                   {**modules, CHECKPOINT_ATTENTION: saved_as} if saved_as else modules,
                                    config.__dict__.get("auto_map"))
     previous = {key: config.__dict__[key] for key in ("auto_map", "architectures") if key in config.__dict__}
     gated_config = type(config)

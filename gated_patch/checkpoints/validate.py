@@ -17,6 +17,7 @@ from ..core.gate import is_gate_name
 from ..core.model import GATE_CONFIG_KEY, GATE_MODULES_KEY, gate_modules_of
 from ..files import read_json
 from .format import config_object, gate_tensor_shapes, is_gated_model_type
+from .names import CHECKPOINT_ATTENTION
 from .weights import FLOAT_DTYPES, find_weight_files, open_shards
 
 
@@ -46,6 +47,12 @@ def gate_config_from(config: Mapping, config_path: Path | str) -> tuple[GateConf
         modules = gate_modules_of(dict(config))
     except GatedCheckpointError as exc:
         raise GatedCheckpointError(f"{config_path}: {exc}") from None
+    saved_as = modules.get(CHECKPOINT_ATTENTION)
+    if saved_as is not None and (not isinstance(saved_as, str) or "{}" not in saved_as or
+                                 saved_as.count("{") + saved_as.count("}") != 2):
+        raise GatedCheckpointError(f"{config_path}: {GATE_MODULES_KEY}.{CHECKPOINT_ATTENTION} must be a module path "
+                                   f"with one {{}} for the layer index, got {saved_as!r}. Restore the file or re-save "
+                                   "/ re-convert it.")
     return gate, modules
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import transformers
 from torch import nn
+from transformers import conversion_mapping
 
 from .config import GateConfig
 from .errors import GatedCheckpointError
@@ -22,6 +23,7 @@ from .parallel import add_gate_tp_plan, check_gate_sharding
 
 # model_type of a gated checkpoint of family f is "gated_" + f; its config holds the gate config and where the gates are
 GATED_PREFIX, GATE_CONFIG_KEY, GATE_MODULES_KEY = "gated_", "attn_output_gate", "attn_output_gate_modules"
+OPTIONAL_GATE_MODULES = {"attention_layers", "checkpoint_attention"}  # a hybrid's; where the files hold the gates
 DEFAULT_GATE_MODULES = {"decoder_layers": "model.layers", "attention": "self_attn", "output_projection": "o_proj"}
 
 
@@ -36,8 +38,8 @@ def gate_config_of(config: Any, where: str = "config") -> GateConfig:
 def gate_modules_of(config: Any) -> dict[str, str]:
     """Where a config (or config dict) puts the gates: decoder layers, attention module in a layer, output projection."""
     modules = (config if isinstance(config, dict) else vars(config)).get(GATE_MODULES_KEY) or DEFAULT_GATE_MODULES
-    if not isinstance(modules, dict) or set(modules) - {"attention_layers"} != set(DEFAULT_GATE_MODULES) or not all(
-            isinstance(modules[key], str) for key in DEFAULT_GATE_MODULES):  # and, for a hybrid, its attention layers
+    if not isinstance(modules, dict) or set(modules) - OPTIONAL_GATE_MODULES != set(DEFAULT_GATE_MODULES) or not all(
+            isinstance(modules[key], str) for key in DEFAULT_GATE_MODULES):
         raise GatedCheckpointError(f"{GATE_MODULES_KEY!r} must map {sorted(DEFAULT_GATE_MODULES)} to module paths, got {modules!r}")
     return dict(modules)
 
@@ -101,6 +103,11 @@ class GatedPreTrainedMixin:
     a random ~0.5 gate), and its ``from_pretrained`` refuses a load that loses a gate (`load_checked`).
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if issubclass(cls, transformers.PreTrainedModel):  # a Gated<Class> (the mixin's own subclasses are not models)
+            _adopt_weight_conversions(cls.__name__, original_class(cls).__name__)
+
     def __init__(self, config, *args: Any, **kwargs: Any) -> None:
         gated_config = type(config)  # built as the upstream model (whose sub-models transformers' Auto classes know)
         object.__setattr__(config, "__class__", original_class(gated_config))
@@ -119,6 +126,12 @@ class GatedPreTrainedMixin:
     @classmethod
     def is_custom_code(cls) -> bool:  # as upstream: transformers initialises and converts custom code's weights otherwise
         return original_class(cls).is_custom_code()
+
+
+def _adopt_weight_conversions(gated: str, upstream: str) -> None:
+    """Save and load the gated class or model type's weights under the names upstream's has (vLLM reads those)."""
+    if found := conversion_mapping.get_checkpoint_conversion_mapping(upstream):  # transformers' renames of `upstream`
+        conversion_mapping.register_checkpoint_conversion_mapping(gated, found, overwrite=True)
 
 
 def gated_subclass(base: type, mixin: type, name: str | None = None, **attributes) -> type:
@@ -140,6 +153,7 @@ class GatedConfigMixin:
 
 
 def gated_config_class(upstream: type) -> type:
+    _adopt_weight_conversions(GATED_PREFIX + upstream.model_type, upstream.model_type)
     return gated_subclass(upstream, GatedConfigMixin, model_type=GATED_PREFIX + upstream.model_type)
 
 
