@@ -6,11 +6,7 @@ a model reaches the test as itself; the tensor-parallel and server tests start t
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from engine import MAX_TOKENS, PROMPTS, model_class_name, vllm_engine, vllm_greedy  # noqa: F401 (first: sets the env)
 
 import pytest
 import torch
@@ -18,10 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gated_patch.default_model import default_model_dir
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Gated attention multiplies"]
-MAX_TOKENS = 24
 TINY = dict(initializer_range=0.2, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
             num_hidden_layers=3, max_position_embeddings=512, vocab_size=49152, tie_word_embeddings=True)
+
+#: Tiny Gemma2 (embeddings scaled by sqrt(hidden), soft-capped logits) repeats one token at probability 1 unless small.
+FAMILY_TINY = {"gemma2": {"initializer_range": 0.02}}
 
 
 def randomize_gates(model, seed: int = 1, std: float = 0.5) -> None:
@@ -41,7 +38,7 @@ def save_with_tokenizer(model, out) -> str:
 
 def tiny_model(model_type: str, seed: int = 0):
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **TINY)
+    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILY_TINY.get(model_type, {})})
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
@@ -61,24 +58,6 @@ def transformers_greedy(model, prompts=PROMPTS, max_tokens=MAX_TOKENS):
         tokens = out[0, ids.shape[1]:].tolist()
         answers.append((tokens, [logprobs[i, t].item() for i, t in enumerate(tokens)]))
     return answers
-
-
-def vllm_greedy(llm, prompts=PROMPTS, max_tokens=MAX_TOKENS):
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens, logprobs=1, ignore_eos=True)
-    answers = []
-    for result in llm.generate(prompts, params, use_tqdm=False):
-        output = result.outputs[0]
-        tokens = list(output.token_ids)
-        answers.append((tokens, [step[t].logprob for step, t in zip(output.logprobs, tokens)]))
-    return answers
-
-
-def vllm_engine(path, **kwargs):
-    from vllm import LLM
-
-    return LLM(model=str(path), **{"dtype": "float32", "enforce_eager": True, "max_model_len": 256, "seed": 0, **kwargs})
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import sys
 
 if __name__ == "__main__":
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    from conftest import vllm_engine, vllm_greedy
+    from engine import vllm_engine, vllm_greedy
 
     path, tensor_parallel, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     answers = vllm_greedy(vllm_engine(path, tensor_parallel_size=tensor_parallel))

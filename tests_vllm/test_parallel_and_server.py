@@ -21,11 +21,13 @@ HERE = Path(__file__).parent
 TWO_CORES = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
-@pytest.mark.parametrize("config", [gp.GateConfig(gate_input="attn_output", bias=True),
-                                    gp.GateConfig(granularity="headwise", activation="silu", init="paper")],
-                         ids=["elementwise/attn_output/bias", "headwise/hidden/silu/paper"])
-def test_tensor_parallel_2_gives_the_single_process_tokens(config, tmp_path):
-    model = gp.patch_model(tiny_model("llama"), config)
+@pytest.mark.parametrize("model_type, config", [
+    ("llama", gp.GateConfig(gate_input="attn_output", bias=True)),
+    ("llama", gp.GateConfig(granularity="headwise", activation="silu", init="paper")),
+    ("phi", gp.GateConfig(granularity="headwise")),  # vLLM's Transformers backend: the gate split by the model's tp_plan
+], ids=["elementwise/attn_output/bias", "headwise/hidden/silu/paper", "transformers-backend/headwise"])
+def test_tensor_parallel_2_gives_the_single_process_tokens(model_type, config, tmp_path):
+    model = gp.patch_model(tiny_model(model_type), config)
     randomize_gates(model)
     path = save_with_tokenizer(model, tmp_path / "gated")
     subprocess.run([sys.executable, str(HERE / "serve_in_processes.py"), path, "2", str(tmp_path / "answers.json")],

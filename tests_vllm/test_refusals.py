@@ -13,11 +13,15 @@ from gated_patch.core.errors import GateConfigError, GatedCheckpointError, Upstr
 from gated_patch.vllm import models as vllm_models
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    model = gp.patch_model(tiny_model("llama"), gp.GateConfig(bias=False, layers=[0, 1]))
+def gated_checkpoint(tmp_path, model_type="llama"):
+    model = gp.patch_model(tiny_model(model_type), gp.GateConfig(bias=False, layers=[0, 1]))
     randomize_gates(model)
     return tmp_path / "gated", save_with_tokenizer(model, tmp_path / "gated")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return gated_checkpoint(tmp_path)
 
 
 def edit_weights(path, edit):
@@ -45,9 +49,11 @@ BROKEN = {
 }
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi"], ids=["vllm-class", "transformers-backend"])
 @pytest.mark.parametrize("name", BROKEN)
-def test_a_broken_gate_tensor_is_refused_naming_it(name, checkpoint):
-    path, _ = checkpoint
+def test_a_broken_gate_tensor_is_refused_naming_it(name, model_type, tmp_path):
+    """On both routes: vLLM's own class (Llama) and vLLM's Transformers backend (Phi, which vLLM has no class for)."""
+    path, _ = gated_checkpoint(tmp_path, model_type)
     edit, error, message = BROKEN[name]
     edit_weights(path, edit)
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -91,7 +97,7 @@ def test_opting_in_keeps_the_attention_structure_guard(checkpoint, monkeypatch):
     monkeypatch.setattr(vllm_models.vllm, "__version__", "0.34.0")
     monkeypatch.setattr(LlamaAttention, "forward", lambda self, hidden_states: hidden_states)  # as if vLLM changed it
     with pytest.warns(UserWarning, match="newer than the tested"), pytest.raises(
-            UpstreamStructureError, match=r"does not take \(positions, hidden_states\)"):
+            UpstreamStructureError, match=r"does not call self\.o_proj\(\.\.\.\) exactly once"):
         vllm_engine(path)
 
 
@@ -108,9 +114,11 @@ def test_an_attention_class_whose_forward_does_not_fit_is_refused():
         vllm_models.check_vllm_attention(attention, "model.layers.0.self_attn")
 
 
-def test_a_missing_vllm_base_model_is_refused():
-    with pytest.raises(UpstreamStructureError, match="has no model 'NoSuchForCausalLM'"):
-        vllm_models.gated_model_class("NoSuchForCausalLM")
+def test_an_architecture_vllm_has_no_class_for_goes_to_the_transformers_backend():
+    """The route: vLLM's own class where it has one, its Transformers backend (with the gate checks) otherwise."""
+    assert vllm_models.gated_model_class("LlamaForCausalLM").__bases__[0] is vllm_models.GatedVllmModelMixin
+    assert vllm_models.gated_model_class("PhiForCausalLM").__name__ == "GatedTransformersForCausalLM"
+    assert vllm_models.gated_model_class("NoSuchForCausalLM").__name__ == "GatedTransformersForCausalLM"
 
 
 def test_a_config_vllm_reads_differently_from_transformers_is_refused(tmp_path):
@@ -119,8 +127,8 @@ def test_a_config_vllm_reads_differently_from_transformers_is_refused(tmp_path):
 
     config = AutoConfig.for_model("qwen2", **{**TINY, "hidden_size": 128})  # 4 heads of 64, not 128 / 4
     model = gp.patch_model(AutoModelForCausalLM.from_config(config), gp.GateConfig())
-    with pytest.raises(UpstreamStructureError, match=r"4 heads of 32, so its gate would be \(128, 128\), but the config "
-                                                     r"implies \(256, 128\)"):
+    with pytest.raises(UpstreamStructureError, match=r"has heads of 32, so its gate would be \(128, 128\), but the "
+                                                     r"config implies \(256, 128\)"):
         vllm_engine(save_with_tokenizer(model, tmp_path / "gated"))
 
 

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import torch
-from conftest import (randomize_gates, save_with_tokenizer, smollm2, tiny_model,
+from conftest import (model_class_name, randomize_gates, save_with_tokenizer, smollm2, tiny_model,
                       transformers_greedy, vllm_engine, vllm_greedy)
 
 import gated_patch as gp
@@ -24,6 +24,11 @@ def assert_same_answers(got, want, tolerance=1e-3):
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want, strict=True):
         assert tokens == want_tokens
         assert max(abs(a - b) for a, b in zip(logprobs, want_logprobs, strict=True)) <= tolerance
+
+
+def assert_gates_act(gated, ungated):
+    """The gated model's answers are not the ungated model's: a gate that vanished would go unnoticed otherwise."""
+    assert [tokens for tokens, _ in gated] != [tokens for tokens, _ in ungated]
 
 
 def serve(path, **kwargs):
@@ -44,14 +49,26 @@ def test_smollm2_gated_checkpoints_give_transformers_tokens_and_logprobs(name, t
     assert_same_answers(serve(save_with_tokenizer(model, tmp_path / "gated")), want)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "qwen3"])
-def test_every_built_in_family_serves_exactly(model_type, tmp_path):
+#: The class vLLM serves each family with: vLLM's own model with the gate, or (Phi: vLLM has no class of its own)
+#: vLLM's Transformers backend around the gated transformers model.
+ROUTES = {"llama": "GatedLlamaForCausalLM", "qwen2": "GatedQwen2ForCausalLM", "mistral": "GatedMistralForCausalLM",
+          "qwen3": "GatedQwen3ForCausalLM", "gemma2": "GatedGemma2ForCausalLM", "phi": "GatedTransformersForCausalLM"}
+
+
+@pytest.mark.parametrize("model_type", ROUTES)
+def test_every_family_serves_exactly_through_its_route(model_type, tmp_path):
     model = gp.patch_model(tiny_model(model_type), gp.GateConfig(granularity="headwise", bias=True))
     randomize_gates(model)
     ungated = transformers_greedy(tiny_model(model_type))
     want = transformers_greedy(model)
-    assert [t for t, _ in want] != [t for t, _ in ungated]
-    assert_same_answers(serve(save_with_tokenizer(model, tmp_path / model_type)), want)
+    assert_gates_act(want, ungated)
+    llm = vllm_engine(save_with_tokenizer(model, tmp_path / model_type))
+    try:
+        assert llm.apply_model(model_class_name) == [ROUTES[model_type]]
+        assert_same_answers(vllm_greedy(llm), want)
+    finally:
+        del llm
+        gc.collect()
 
 
 def test_a_gate_only_adapter_merged_into_a_gated_checkpoint_serves_exactly(tmp_path):

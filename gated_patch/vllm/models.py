@@ -1,13 +1,20 @@
-"""``Gated<Architecture>``: vLLM's own model for a gated checkpoint's upstream architecture, its attention gated.
+"""``Gated<Architecture>``: vLLM serving a gated checkpoint of any family gated_patch supports.
 
-The model is vLLM's class (fused QKV, paged KV cache, continuous batching, tensor parallelism, compilation); each
-selected attention module gets an ``attn_gate`` child (a `ColumnParallelLinear` sharded by heads exactly as the
-query is) and its output projection multiplies ``activation(gate(X) + offset) * scale`` onto its input, with the
-formula of the transformers plugin (`gated_patch.core.gate.apply_gate`). The attention's forward is vLLM's, unchanged:
-a subclass stores the block input for the output projection for the duration of the call, as the plugin's hooks do.
+Two routes, chosen per architecture (`gated_model_class`):
 
-`load_weights` checks every gate tensor against the shapes the config implies before vLLM's loader sees them: vLLM
-itself would serve a missing gate weight as uninitialised memory and drop a surplus ``.bias``.
+* **vLLM's own model class**, where vLLM has one for the architecture: vLLM's model (fused QKV, paged KV cache,
+  tensor parallelism, compilation); each gated attention module gets an ``attn_gate`` child (a `ColumnParallelLinear`
+  sharded by heads exactly as the query is) and its output projection multiplies ``activation(gate(X) + offset) *
+  scale`` onto its input (`gated_patch.core.gate.apply_gate`). The attention's forward is vLLM's, unchanged: a subclass
+  holds the block input for the output projection for the duration of the call.
+* **vLLM's Transformers backend**, for an architecture vLLM has no class of its own for (or serves through that
+  backend, as Phi or GPT-NeoX): the backend builds transformers' model through ``AutoModel`` (with the plugin: the
+  gated model, hooks and all) and replaces its linear layers by vLLM's parallel ones following the model's
+  tensor-parallel plan, in which the gate splits with the heads.
+
+Both routes check every gate tensor against the shapes the config implies as it loads: vLLM itself would serve a
+missing gate weight as uninitialised memory and drop a surplus ``.bias``. vLLM's generic Transformers backend classes
+(``model_impl="transformers"``) are replaced by subclasses that do the same for gated checkpoints.
 """
 
 from __future__ import annotations
@@ -26,15 +33,17 @@ from torch import nn
 from vllm import ModelRegistry
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.models import transformers as transformers_backend
+from vllm.model_executor.models.transformers.base import Base as TransformersBackendBase
 
 from ..checkpoints.format import gate_tensor_shapes
-from ..core.gate import GATE_MODULE_NAME, is_gate_name
-from ..core.model import gate_config_of, gate_modules_of
-from ..guards import forward_source
 from ..core.config import GateConfig
 from ..core.errors import GatedCheckpointError, UpstreamStructureError
-from ..core.gate import apply_gate, gate_shape
+from ..core.gate import GATE_MODULE_NAME, apply_gate, gate_shape, is_gate_name
+from ..core.hooks import is_gated_attention
+from ..core.model import GATE_CONFIG_KEY, gate_config_of, gate_modules_of
 from ..core.versions import check_version
+from ..guards import forward_source, value_head_size
 from . import ALLOW_UNTESTED_VLLM, MAX_VLLM, MIN_VLLM
 
 _SOURCE = "gate_source"  # output projection __dict__ key: the block input during a gated attention call
@@ -57,6 +66,49 @@ def check_vllm_version(version: str | None = None) -> None:
                   f"{ALLOW_UNTESTED_VLLM}=1.")
 
 
+def _refuse_lora(vllm_config) -> None:
+    if vllm_config.lora_config is not None:  # vLLM's LoRA layers replace o_proj and would bypass the gate
+        raise UpstreamStructureError("Cannot serve a gated checkpoint with LoRA adapters in vLLM (enable_lora): vLLM's "
+                                     "LoRA layers replace the output projection that applies the gate. Merge the "
+                                     "adapter into the gated model (merge_and_unload, save_pretrained) and serve that.")
+
+
+def checked_gate_tensors(weights: Iterable[tuple[str, torch.Tensor]], expected: dict, gate: GateConfig, seen: set):
+    """`weights`, refusing a gate tensor the config has no place for or of another shape (its names go to `seen`)."""
+    for name, tensor in weights:
+        if is_gate_name(name):
+            if name not in expected:
+                raise GatedCheckpointError(
+                    f"Gated checkpoint: tensor {name} is not a gate tensor of this config (gates: {gate.to_dict()}). "
+                    "A hand-edited checkpoint or a wrong config.json? Re-save or re-convert it.")
+            if tuple(tensor.shape) != expected[name]:
+                raise GatedCheckpointError(f"Gated checkpoint: {name} has shape {tuple(tensor.shape)}, the config "
+                                           f"implies {expected[name]}. Re-save or re-convert it.")
+            seen.add(name)
+        yield name, tensor
+
+
+class GateCheckedLoading:
+    """Mixin: ``load_weights`` checks every gate tensor of a gated config, and that none is missing."""
+
+    gate_tensor_shapes: dict = {}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        expected, seen = self.gate_tensor_shapes, set()
+        if not expected:
+            return super().load_weights(weights)
+        loaded = super().load_weights(checked_gate_tensors(weights, expected, self.gate_config, seen))
+        missing = sorted(set(expected) - seen)
+        if missing:
+            raise GatedCheckpointError(f"Gated checkpoint: {len(missing)} gate tensors missing ({missing[:4]}"
+                                       f"{' ...' if len(missing) > 4 else ''}). A truncated checkpoint? Re-save or "
+                                       "re-convert it; vLLM would serve uninitialised gates.")
+        return loaded
+
+
+# ---------------------------------------------------------------------------------------- vLLM's own model classes
+
+
 class GatedOutputProjection(RowParallelLinear):
     """vLLM's output projection, taking ``Y * gate`` for ``Y``; `gate_attention` switches an instance to this class."""
 
@@ -72,136 +124,146 @@ class GatedOutputProjection(RowParallelLinear):
 class GatedAttentionMixin:
     """In front of a vLLM attention class: holds the block input for the output projection during the call."""
 
-    def forward(self, positions, hidden_states, *args, **kwargs):
-        self.o_proj.__dict__[_SOURCE] = hidden_states
+    hidden_states_position: int  # of the upstream forward's positional arguments
+
+    def forward(self, *args, **kwargs):
+        projection = getattr(self, self.gate_projection_name)
+        projection.__dict__[_SOURCE] = kwargs["hidden_states"] if "hidden_states" in kwargs else \
+            args[self.hidden_states_position]
         try:
-            return super().forward(positions, hidden_states, *args, **kwargs)
+            return super().forward(*args, **kwargs)
         finally:
-            self.o_proj.__dict__[_SOURCE] = None
+            projection.__dict__[_SOURCE] = None
 
 
 @lru_cache(maxsize=None)
 def _gated_attention_class(attention_class: type) -> type:
-    return type(f"Gated{attention_class.__name__}", (GatedAttentionMixin, attention_class), {"__module__": __name__})
+    position = list(inspect.signature(attention_class.forward).parameters).index("hidden_states") - 1  # after self
+    return type(f"Gated{attention_class.__name__}", (GatedAttentionMixin, attention_class),
+                {"__module__": __name__, "hidden_states_position": position})
 
 
-def check_vllm_attention(attention: nn.Module, where: str) -> None:
+def check_vllm_attention(attention: nn.Module, where: str, projection: str = "o_proj") -> None:
     """Raise `UpstreamStructureError` unless `attention` is a vLLM attention module the gate fits."""
     cls = type(attention)
 
     def fail(reason: str) -> None:
         raise UpstreamStructureError(
             f"Cannot gate {where} ({cls.__module__}.{cls.__qualname__}) in vLLM {vllm.__version__}: {reason}. The vLLM "
-            "plugin relies on attention whose forward(positions, hidden_states) ends with `self.o_proj(attn_output)`, "
+            f"plugin relies on attention whose forward(..., hidden_states, ...) ends with `self.{projection}(attn_output)`, "
             f"a RowParallelLinear over the heads. Use vllm>={MIN_VLLM},<{MAX_VLLM}, or serve this family with "
             "transformers and the plugin.")
 
-    source = forward_source(cls)
-    if list(inspect.signature(cls.forward).parameters)[:3] != ["self", "positions", "hidden_states"]:
-        fail("its forward does not take (positions, hidden_states)")
-    if len(re.findall(r"self\.o_proj\(", source)) != 1:
-        fail("its forward does not call self.o_proj(...) exactly once")
-    projection = getattr(attention, "o_proj", None)
-    if type(projection) is not RowParallelLinear:
-        fail(f"its o_proj is {type(projection).__name__}, not a RowParallelLinear")
-    for name in ("total_num_heads", "num_heads", "head_dim"):
-        if not hasattr(attention, name):
-            fail(f"it has no {name!r}")
-    if projection.input_size != attention.total_num_heads * attention.head_dim:
-        fail(f"o_proj takes {projection.input_size} features, not {attention.total_num_heads} heads x {attention.head_dim}")
+    if "hidden_states" not in inspect.signature(cls.forward).parameters:
+        fail("its forward does not take hidden_states")
+    if len(re.findall(rf"self\.{re.escape(projection)}\(", forward_source(cls))) != 1:
+        fail(f"its forward does not call self.{projection}(...) exactly once")
+    if type(getattr(attention, projection, None)) is not RowParallelLinear:
+        fail(f"its {projection} is {type(getattr(attention, projection, None)).__name__}, not a RowParallelLinear")
+    if not isinstance(getattr(attention, "head_dim", None), int):
+        fail("it has no integer head_dim")
 
 
-def gate_attention(attention: nn.Module, config: GateConfig, hidden_size: int, prefix: str) -> None:
+def gate_attention(attention: nn.Module, config: GateConfig, hidden_size: int, num_heads: int, projection_name: str,
+                   prefix: str) -> None:
     """Give one vLLM attention module its gate (tensor-parallel, sharded by heads as the query is; never quantized:
     the checkpoint holds it in the model's float dtype)."""
-    out_features, in_features = gate_shape(config, hidden_size, attention.total_num_heads, attention.head_dim)
+    projection = getattr(attention, projection_name)
+    out_features, in_features = gate_shape(config, hidden_size, num_heads, attention.head_dim)
     gate = ColumnParallelLinear(in_features, out_features, bias=config.bias, gather_output=False,
-                                params_dtype=attention.o_proj.params_dtype, quant_config=None,
+                                params_dtype=projection.params_dtype, quant_config=None,
                                 prefix=f"{prefix}.{GATE_MODULE_NAME}")
     attention.add_module(GATE_MODULE_NAME, gate)
     attention.__class__ = _gated_attention_class(type(attention))
-    projection = attention.o_proj
+    attention.gate_projection_name = projection_name
     projection.__class__ = GatedOutputProjection
-    projection.__dict__.update({_SOURCE: None, "gate_parts": (gate, config, attention.num_heads)})
+    local_heads = projection.input_size_per_partition // attention.head_dim
+    projection.__dict__.update({_SOURCE: None, "gate_parts": (gate, config, local_heads)})
 
 
-class GatedVllmModelMixin:
+class GatedVllmModelMixin(GateCheckedLoading):
     """In front of vLLM's ``<Architecture>ForCausalLM``: gates its attention and checks the gate tensors it loads."""
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
         check_vllm_version()
+        _refuse_lora(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         hf_config = vllm_config.model_config.hf_config
         self.gate_config, self.gate_modules = gate_config_of(hf_config), gate_modules_of(hf_config)
         self.gate_tensor_shapes = gate_tensor_shapes(self.gate_config, self.gate_modules, hf_config)
-        if self.gate_modules["output_projection"] != "o_proj":
-            raise UpstreamStructureError(f"Cannot serve this gated checkpoint in vLLM: its output projection is "
-                                         f"{self.gate_modules['output_projection']!r}; the vLLM plugin gates o_proj only.")
-        if vllm_config.lora_config is not None:  # vLLM's LoRA layers replace o_proj and would bypass the gate
-            raise UpstreamStructureError("Cannot serve a gated checkpoint with LoRA adapters in vLLM (enable_lora): vLLM's "
-                                         "LoRA layers replace the output projection that applies the gate. Merge the "
-                                         "adapter into the gated model (merge_and_unload, save_pretrained) and serve that.")
-        text = hf_config.get_text_config()
+        text, modules = hf_config.get_text_config(), self.gate_modules
         try:
-            layers = self.get_submodule(self.gate_modules["decoder_layers"])
+            layers = self.get_submodule(modules["decoder_layers"])
         except AttributeError:
             raise UpstreamStructureError(
                 f"Cannot serve this gated checkpoint in vLLM: vLLM's {type(self).__bases__[1].__name__} has no module "
-                f"{self.gate_modules['decoder_layers']!r}, where the checkpoint's gates are. Serve it with transformers "
+                f"{modules['decoder_layers']!r}, where the checkpoint's gates are. Serve it with transformers "
                 "and the plugin.") from None
-        for index in self.gate_config.layer_indices(text.num_hidden_layers):
-            where = f"{self.gate_modules['decoder_layers']}.{index}.{self.gate_modules['attention']}"
-            if not hasattr(layers[index], self.gate_modules["attention"]):  # a layer another pipeline stage holds
+        for index in self.gate_config.layer_indices(text.num_hidden_layers, modules.get("attention_layers")):
+            where = f"{modules['decoder_layers']}.{index}.{modules['attention']}"
+            if not hasattr(layers[index], modules["attention"]):  # a layer another pipeline stage holds
                 continue
-            attention = layers[index].get_submodule(self.gate_modules["attention"])
-            check_vllm_attention(attention, where)
-            gate_attention(attention, self.gate_config, text.hidden_size, where)
-            built, implied = (attention.attn_gate.output_size, attention.attn_gate.input_size), \
-                self.gate_tensor_shapes[f"{where}.{GATE_MODULE_NAME}.weight"]
+            attention = layers[index].get_submodule(modules["attention"])
+            check_vllm_attention(attention, where, modules["output_projection"])
+            gate_attention(attention, self.gate_config, text.hidden_size, text.num_attention_heads,
+                           modules["output_projection"], where)
+            built = (attention.attn_gate.output_size, attention.attn_gate.input_size)
+            implied = gate_shape(self.gate_config, text.hidden_size, text.num_attention_heads, value_head_size(text))
             if built != implied:  # vLLM reads the head sizes differently from transformers (it computes another model)
                 raise UpstreamStructureError(
-                    f"Cannot serve {where} in vLLM: vLLM's {type(attention).__qualname__} has {attention.total_num_heads} "
-                    f"heads of {attention.head_dim}, so its gate would be {built}, but the config implies {implied}. "
+                    f"Cannot serve {where} in vLLM: vLLM's {type(attention).__qualname__} has heads of "
+                    f"{attention.head_dim}, so its gate would be {built}, but the config implies {implied}. "
                     "vLLM builds this config differently from transformers; serve it with transformers and the plugin.")
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        expected, seen = self.gate_tensor_shapes, set()
 
-        def checked():
-            for name, tensor in weights:
-                if is_gate_name(name):
-                    if name not in expected:
-                        raise GatedCheckpointError(
-                            f"Gated checkpoint: tensor {name} is not a gate tensor of this config (gates: "
-                            f"{self.gate_config.to_dict()}). A hand-edited checkpoint or a wrong config.json? Re-save or "
-                            "re-convert it.")
-                    if tuple(tensor.shape) != expected[name]:
-                        raise GatedCheckpointError(f"Gated checkpoint: {name} has shape {tuple(tensor.shape)}, the config "
-                                                   f"implies {expected[name]}. Re-save or re-convert it.")
-                    seen.add(name)
-                yield name, tensor
+# -------------------------------------------------------------------------------------- vLLM's Transformers backend
 
-        loaded = super().load_weights(checked())
-        missing = sorted(set(expected) - seen)
-        if missing:
-            raise GatedCheckpointError(f"Gated checkpoint: {len(missing)} gate tensors missing ({missing[:4]}"
-                                       f"{' ...' if len(missing) > 4 else ''}). A truncated checkpoint? Re-save or "
-                                       "re-convert it; vLLM would serve uninitialised gates.")
-        return loaded
+
+class GatedTransformersMixin(GateCheckedLoading):
+    """In front of a class of vLLM's Transformers backend: for a gated config, the model transformers builds is gated
+    (the plugin's Auto classes), every gate is there, and the gate tensors are checked as they load."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        if getattr(hf_config, GATE_CONFIG_KEY, None) is None:  # the generic classes serve ungated models too
+            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+            return
+        check_vllm_version()
+        _refuse_lora(vllm_config)
+        self.gate_config, self.gate_modules = gate_config_of(hf_config), gate_modules_of(hf_config)
+        self.gate_tensor_shapes = gate_tensor_shapes(self.gate_config, self.gate_modules, hf_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        layers = self.gate_config.layer_indices(hf_config.get_text_config().num_hidden_layers,
+                                                self.gate_modules.get("attention_layers"))
+        gated = [name for name, module in self.model.named_modules() if is_gated_attention(module)]
+        if len(gated) != len(layers):
+            raise UpstreamStructureError(
+                f"vLLM's Transformers backend built {type(self.model).__name__} with {len(gated)} gated attention "
+                f"modules, the checkpoint has {len(layers)}: transformers did not build the gated model. Is gated_patch "
+                "importable in vLLM's processes (pip install it into the same environment)?")
+
+
+@lru_cache(maxsize=None)
+def _backend_class(name: str) -> type:
+    """``Gated<name>``: a class of vLLM's Transformers backend with the gate checks in front."""
+    return type(f"Gated{name}", (GatedTransformersMixin, getattr(transformers_backend, name)), {"__module__": __name__})
 
 
 @lru_cache(maxsize=None)
 def gated_model_class(architecture: str) -> type:
-    """``Gated<architecture>``: `GatedVllmModelMixin` in front of vLLM's model class for `architecture`."""
+    """``Gated<architecture>``: vLLM's own class for `architecture` with the gate, or, where vLLM has none (or serves
+    the family through its Transformers backend), the backend's causal-LM class with the gate checks."""
     registered = ModelRegistry.models.get(architecture)
-    if registered is None:
-        raise UpstreamStructureError(f"vLLM {vllm.__version__} has no model {architecture!r}; serve this gated checkpoint "
-                                     "with transformers and the plugin.")
-    base = registered.load_model_cls()
-    return type(f"Gated{architecture}", (GatedVllmModelMixin, base), {"__module__": __name__})
+    native = registered.load_model_cls() if registered is not None else None
+    if native is None or issubclass(native, TransformersBackendBase):
+        return _backend_class("TransformersMoEForCausalLM" if native is not None and issubclass(
+            native, transformers_backend.TransformersMoEForCausalLM) else "TransformersForCausalLM")
+    return type(f"Gated{architecture}", (GatedVllmModelMixin, native), {"__module__": __name__})
 
 
 def __getattr__(name: str) -> type:
-    if name.startswith("Gated") and name.endswith("ForCausalLM"):
+    if name.startswith("GatedTransformers"):
+        return _backend_class(name[len("Gated"):])
+    if name.startswith("Gated"):
         return gated_model_class(name[len("Gated"):])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
