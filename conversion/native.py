@@ -37,6 +37,11 @@ _KEPT_CONFIG_KEYS = (
     "transformers_version", "_name_or_path",
 )
 
+#: Qwen3.5's linear-attention sizes (transformers' defaults): llama.cpp's converter writes them into the GGUF's ``ssm``
+#: entries, which its ``qwen35`` loader requires even where no layer has linear attention.
+LINEAR_ATTENTION_SIZES = {"linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+                          "linear_num_key_heads": 16, "linear_num_value_heads": 32}
+
 
 def check_native_export(family: str, gate: GateConfig, config: dict[str, Any], layout: str = QWEN3_5) -> None:
     """Refuse what has no exact `layout` form, with every reason."""
@@ -73,6 +78,10 @@ def native_config(config: dict[str, Any], gate: GateConfig) -> dict[str, Any]:
     out.update(model_type=NATIVE_MODEL_TYPE, architectures=[NATIVE_ARCHITECTURE], rope_parameters=rope,
                layer_types=["full_attention"] * config["num_hidden_layers"], attention_bias=gate.bias,
                qkv_bias=gate.bias)  # vLLM's Qwen3.5 reads qkv_bias, not attention_bias
+    # Every layer full attention wherever the export is read: transformers reads layer_types; llama.cpp's converter,
+    # mlx-lm and SGLang read full_attention_interval (their default, 4, would make three layers in four linear
+    # attention). llama.cpp's converter also requires the linear-attention sizes, which no layer here uses.
+    out.update(full_attention_interval=1, **LINEAR_ATTENTION_SIZES)
     return out
 
 

@@ -63,6 +63,11 @@ def test_the_exported_config_is_native_and_the_checkpoint_has_no_remote_code(tmp
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen3_5_text" and config["architectures"] == ["Qwen3_5ForCausalLM"]
     assert config["layer_types"] == ["full_attention"] * 3
+    # llama.cpp's converter, mlx-lm and SGLang find full-attention layers through the interval (default 4: three in
+    # four would be linear attention); llama.cpp's loader needs the linear-attention sizes even so
+    assert config["full_attention_interval"] == 1
+    assert {"linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+            "linear_num_value_heads"} <= set(config)
     assert config["rope_parameters"]["partial_rotary_factor"] == 1.0
     assert config["attention_bias"] is True and config["qkv_bias"] is True  # vLLM's Qwen3.5 reads qkv_bias
     assert not {"auto_map", "attn_output_gate", "attn_output_gate_modules"} & set(config)
