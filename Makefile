@@ -4,12 +4,13 @@ VENV ?= .venv
 DEMO_VENV ?= .venv-demo
 OLDEST_VENV ?= .venv-oldest-transformers
 VLLM_VENV ?= .venv-vllm
+ENGINES_VENV ?= .venv-engines
 VENV_SOURCE ?=# empty: the locks; --latest: the newest releases setup.cfg allows (make test-latest sets it)
 BUILD := python3 .ci/venvs.py build
 LOCK = $(if $(VENV_SOURCE),,locks/$(1).txt)# a locked venv is rebuilt when its lock changes
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install demo demo-check test test-fast test-oldest test-vllm test-latest lock
+.PHONY: install demo demo-check test test-fast test-oldest test-vllm test-engines test-latest lock
 
 $(VENV)/.installed: $(call LOCK,main) setup.cfg pyproject.toml
 	$(BUILD) main $(VENV) $(VENV_SOURCE)
@@ -21,6 +22,12 @@ $(DEMO_VENV)/.installed: $(call LOCK,demo) setup.cfg pyproject.toml
 # install and 7 to run on 2 cores).
 $(VLLM_VENV)/.installed: $(call LOCK,vllm) setup.cfg pyproject.toml
 	$(BUILD) vllm $(VLLM_VENV) $(VENV_SOURCE)
+
+# The engines that read the native export: llama.cpp compiled from llama-cpp-python's source release (about 7
+# minutes on 2 cores; its source, kept in the venv, holds llama.cpp's GGUF converter) and mlx-lm, in an overlay on
+# the main venv.
+$(ENGINES_VENV)/.installed: $(call LOCK,engines) .ci/llama-cpp-all-attention.patch $(VENV)/.installed
+	$(BUILD) engines $(ENGINES_VENV) --base $(VENV) $(VENV_SOURCE)
 
 install: $(VENV)/.installed
 
@@ -47,6 +54,11 @@ test-oldest: $(VENV)/.installed
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q tests_vllm
+
+# llama.cpp runs the native Qwen3.5 export of a gated Qwen3 with transformers' tokens; mlx-lm refuses it
+# (docs/serving.md).
+test-engines: $(ENGINES_VENV)/.installed
+	$(ENGINES_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_engines
 
 # Maintainers (MAINTAINING.md): every venv from the newest releases, every suite, a report of what moved and broke;
 # then `make lock` records those releases in locks/.

