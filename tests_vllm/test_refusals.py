@@ -9,6 +9,7 @@ from conftest import randomize_gates, save_with_tokenizer, tiny_model, vllm_engi
 from safetensors.torch import load_file, save_file
 
 import gated_patch as gp
+from gated_patch import guards
 from gated_patch.core.errors import GateConfigError, GatedCheckpointError, UpstreamStructureError
 from gated_patch.vllm import models as vllm_models
 
@@ -40,12 +41,12 @@ GATE = "model.layers.1.self_attn.attn_gate"
 BROKEN = {
     "missing gate weight": (lambda w: w.pop(f"{GATE}.weight"), GatedCheckpointError, "gate tensors missing"),
     "surplus gate bias": (lambda w: w.update({f"{GATE}.bias": w[f"{GATE}.weight"][:, 0].clone()}),
-                          GatedCheckpointError, f"{GATE}.bias is not a gate tensor"),
+                          GatedCheckpointError, f"{GATE}.bias (256,): no gate of"),
     "gate of an ungated layer": (
         lambda w: w.update({"model.layers.2.self_attn.attn_gate.weight": w[f"{GATE}.weight"].clone()}),
-        GatedCheckpointError, "model.layers.2.self_attn.attn_gate.weight is not a gate tensor"),
+        GatedCheckpointError, "model.layers.2.self_attn.attn_gate.weight (256, 256): no gate of"),
     "wrong-shaped gate": (lambda w: w.update({f"{GATE}.weight": w[f"{GATE}.weight"][:4].clone()}),
-                          GatedCheckpointError, "has shape (4, 256), the config implies (256, 256)"),
+                          GatedCheckpointError, "attn_gate.weight (4, 256): the config implies (256, 256)"),
 }
 
 
@@ -88,7 +89,7 @@ def test_a_newer_vllm_is_served_only_when_the_user_opts_in(monkeypatch):
         vllm_models.check_vllm_version("0.34.0")
 
 
-def test_opting_in_keeps_the_attention_structure_guard(checkpoint, monkeypatch):
+def test_opting_in_keeps_the_attention_structure_guard(checkpoint, monkeypatch, request):
     """With the opt-in and a newer version, an attention class that no longer fits is still refused."""
     from vllm.model_executor.models.llama import LlamaAttention
 
@@ -96,6 +97,8 @@ def test_opting_in_keeps_the_attention_structure_guard(checkpoint, monkeypatch):
     monkeypatch.setenv("GATED_PATCH_ALLOW_UNTESTED_VLLM", "1")
     monkeypatch.setattr(vllm_models.vllm, "__version__", "0.34.0")
     monkeypatch.setattr(LlamaAttention, "forward", lambda self, hidden_states: hidden_states)  # as if vLLM changed it
+    guards.forward_source.cache_clear()  # read per class once per process: a vLLM does not change while it runs
+    request.addfinalizer(guards.forward_source.cache_clear)
     with pytest.warns(UserWarning, match="newer than the tested"), pytest.raises(
             UpstreamStructureError, match=r"does not call self\.o_proj\(\.\.\.\) exactly once"):
         vllm_engine(path)

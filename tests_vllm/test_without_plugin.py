@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import randomize_gates, save_with_tokenizer, tiny_model, transformers_greedy
 from safetensors.torch import load_file, save_file
 from test_parallel_and_server import TWO_CORES
@@ -48,15 +51,24 @@ def test_tensor_parallel_2_without_the_plugin_splits_the_gate_by_the_remote_code
     assert_same_answers([tuple(answer) for answer in served["answers"]], transformers_greedy(model))
 
 
-def test_without_the_plugin_vllm_refuses_a_gate_tensor_of_an_ungated_layer(tmp_path):
-    """vLLM's own check on this route: a tensor the model has no module for. (It ignores a surplus ``.bias`` and does
-    not notice a missing or wrong-shaped gate tensor: docs/serving.md, "vLLM without the plugin".)"""
+GATE = "model.layers.1.self_attn.attn_gate.weight"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda w: w.pop(GATE), rf"1 gate tensors missing \(\['layers.1.self_attn.attn_gate.weight'\]\)"),
+    (lambda w: w.update({GATE: torch.zeros(w[GATE].shape[0] + 1, w[GATE].shape[1])}), r"attn_gate.weight \(257, 256\): the config implies \(256, 256\)"),
+    (lambda w: w.update({GATE.replace("weight", "bias"): torch.zeros(256)}), r"attn_gate.bias \(256,\): no gate of"),
+    (lambda w: w.update({GATE.replace("1", "2", 1): w[GATE].clone()}), r"layers.2.self_attn.attn_gate.weight \(256, 256\): no gate of"),
+], ids=["missing", "reshaped", "surplus-bias", "ungated-layer"])
+def test_without_the_plugin_the_remote_code_refuses_a_broken_gate_tensor(tmp_path, edit, message):
+    """vLLM's loader alone serves a missing gate as uninitialised memory, cuts a longer one and ignores a surplus bias;
+    the remote code's ``load_weights`` (vLLM's loading hook) refuses each before anything is served."""
     model = gp.patch_model(tiny_model("llama"), gp.GateConfig(bias=False, layers=[0, 1]))
     path = save_with_tokenizer(model, tmp_path / "llama")
     weights = load_file(tmp_path / "llama" / "model.safetensors")
-    weights["model.layers.2.self_attn.attn_gate.weight"] = weights["model.layers.1.self_attn.attn_gate.weight"].clone()
+    edit(weights)
     save_file(weights, tmp_path / "llama" / "model.safetensors", metadata={"format": "pt"})
     done = subprocess.run([sys.executable, str(HERE / "serve_without_plugin.py"), str(tmp_path / "answers.json"), path],
                           timeout=600, cwd=HERE, capture_output=True, text=True)
-    assert done.returncode != 0 and "model.layers.2.self_attn.attn_gate" in done.stderr
+    assert done.returncode != 0 and "GatedCheckpointError" in done.stderr and re.search(message, done.stderr), done.stderr[-3000:]
     assert not (tmp_path / "answers.json").exists()

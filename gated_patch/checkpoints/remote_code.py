@@ -28,7 +28,7 @@ ALLOWED_STDLIB = ("__future__", "collections", "dataclasses", "functools", "iter
 FORBIDDEN_BUILTINS = frozenset({"__import__", "breakpoint", "compile", "eval", "exec", "globals", "locals", "open"})
 OWN_KEY_PREFIX = "_gated_attention_"  # the gate's own keys in a module's __dict__ (core/hooks.py)
 ALLOWED_PRIVATE = ("_init_weights",)  # the method transformers documents for models that add parameters
-MAX_LINES = 260
+MAX_LINES = 285
 
 
 def _alias(alias: ast.alias) -> str:

@@ -17,7 +17,7 @@ from transformers import conversion_mapping
 
 from .config import GateConfig
 from .errors import GatedCheckpointError
-from .gate import GATE_MODULE_NAME, AttentionGateLinear
+from .gate import GATE_MODULE_NAME, AttentionGateLinear, is_gate_name
 from .hooks import attach_gate
 from .parallel import add_gate_tp_plan, check_gate_sharding
 
@@ -96,6 +96,29 @@ def load_checked(load, pretrained_model_name_or_path, *args, **kwargs):
     return (model, info) if want_info else model
 
 
+def checked_gate_load(load, weights, expected: dict, gate: GateConfig):
+    """``load(weights)`` (a vLLM ``load_weights``), refusing a gate tensor that is surplus, reshaped or missing.
+
+    `expected` maps each gate tensor name, as `weights` names it, to its shape in the checkpoint (whole, unsharded):
+    vLLM's loaders serve a missing linear weight as uninitialised memory and ignore a surplus ``.bias``.
+    """
+    seen = set()
+
+    def checked():
+        for name, tensor in weights:
+            seen.add(name)
+            if is_gate_name(name) and tuple(tensor.shape) != expected.get(name):
+                raise GatedCheckpointError(f"Gated checkpoint: tensor {name} {tuple(tensor.shape)}: " + (
+                    f"the config implies {expected[name]}" if name in expected else f"no gate of {gate} has it") +
+                    ". A truncated or hand-edited checkpoint, or a wrong config.json? Re-save or re-convert it.")
+            yield name, tensor
+    loaded = load(checked())
+    if missing := sorted(set(expected) - seen):
+        raise GatedCheckpointError(f"Gated checkpoint: {len(missing)} gate tensors missing ({missing[:4]}). Truncated? "
+                                   "Re-save or re-convert it; it is never served with uninitialised gates.")
+    return loaded
+
+
 class GatedPreTrainedMixin:
     """In front of an upstream `PreTrainedModel` class: built from a gated config it adds the gates the config describes.
 
@@ -115,10 +138,18 @@ class GatedPreTrainedMixin:
         object.__setattr__(config, "__class__", gated_config)
         if getattr(config, GATE_CONFIG_KEY, None) is not None:
             add_gates(self, gate_config_of(config), gate_modules_of(config))
+        self.gate_tensor_shapes = {name: tuple(p.shape) for name, p in self.named_parameters() if is_gate_name(name)}
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         return load_checked(super().from_pretrained, *args, **kwargs)
+
+    def load_weights(self, weights):
+        """The hook vLLM's Transformers backend loads a model through: vLLM's own loader, every gate tensor checked."""
+        loader = getattr(sys.modules.get("vllm.model_executor.models.utils"), "AutoWeightsLoader", None)
+        if loader is None:
+            raise GatedCheckpointError("load_weights is vLLM's loading hook: load a gated checkpoint with from_pretrained.")
+        return checked_gate_load(loader(self).load_weights, weights, self.gate_tensor_shapes, gate_config_of(self.config))
 
     def _init_weights(self, module: nn.Module) -> None:
         module.reset_parameters() if isinstance(module, AttentionGateLinear) else super()._init_weights(module)

@@ -38,10 +38,10 @@ from vllm.model_executor.models.transformers.base import Base as TransformersBac
 
 from ..checkpoints.format import gate_tensor_shapes
 from ..core.config import GateConfig
-from ..core.errors import GatedCheckpointError, UpstreamStructureError
-from ..core.gate import GATE_MODULE_NAME, apply_gate, gate_shape, is_gate_name
+from ..core.errors import UpstreamStructureError
+from ..core.gate import GATE_MODULE_NAME, apply_gate, gate_shape
 from ..core.hooks import is_gated_attention
-from ..core.model import GATE_CONFIG_KEY, gate_config_of, gate_modules_of
+from ..core.model import GATE_CONFIG_KEY, checked_gate_load, gate_config_of, gate_modules_of
 from ..core.versions import check_version
 from ..guards import forward_source, value_head_size
 from . import ALLOW_UNTESTED_VLLM, MAX_VLLM, MIN_VLLM
@@ -73,37 +73,15 @@ def _refuse_lora(vllm_config) -> None:
                                      "adapter into the gated model (merge_and_unload, save_pretrained) and serve that.")
 
 
-def checked_gate_tensors(weights: Iterable[tuple[str, torch.Tensor]], expected: dict, gate: GateConfig, seen: set):
-    """`weights`, refusing a gate tensor the config has no place for or of another shape (its names go to `seen`)."""
-    for name, tensor in weights:
-        if is_gate_name(name):
-            if name not in expected:
-                raise GatedCheckpointError(
-                    f"Gated checkpoint: tensor {name} is not a gate tensor of this config (gates: {gate.to_dict()}). "
-                    "A hand-edited checkpoint or a wrong config.json? Re-save or re-convert it.")
-            if tuple(tensor.shape) != expected[name]:
-                raise GatedCheckpointError(f"Gated checkpoint: {name} has shape {tuple(tensor.shape)}, the config "
-                                           f"implies {expected[name]}. Re-save or re-convert it.")
-            seen.add(name)
-        yield name, tensor
-
-
 class GateCheckedLoading:
     """Mixin: ``load_weights`` checks every gate tensor of a gated config, and that none is missing."""
 
     gate_tensor_shapes: dict = {}
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        expected, seen = self.gate_tensor_shapes, set()
-        if not expected:
+        if not self.gate_tensor_shapes:
             return super().load_weights(weights)
-        loaded = super().load_weights(checked_gate_tensors(weights, expected, self.gate_config, seen))
-        missing = sorted(set(expected) - seen)
-        if missing:
-            raise GatedCheckpointError(f"Gated checkpoint: {len(missing)} gate tensors missing ({missing[:4]}"
-                                       f"{' ...' if len(missing) > 4 else ''}). A truncated checkpoint? Re-save or "
-                                       "re-convert it; vLLM would serve uninitialised gates.")
-        return loaded
+        return checked_gate_load(super().load_weights, weights, self.gate_tensor_shapes, self.gate_config)
 
 
 # ---------------------------------------------------------------------------------------- vLLM's own model classes
