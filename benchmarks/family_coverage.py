@@ -354,7 +354,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "",
         "Checks of a supported family: identity init reproduces the logits (max |diff| <= 1e-5); non-zero gates change "
         "them, and the first gated layer's output projection receives exactly `Y * gate(X)` computed independently; "
-        "cached generation equals uncached; save + load with the plugin gives equal logits; load without the plugin "
+        "cached generation equals uncached; save_pretrained writes the unpatched model's tensor names plus the gates, and loading with the plugin gives equal logits; load without the plugin "
         "(`trust_remote_code=True`) gives logits within 1e-5; a gate-only PEFT adapter trains only gates and loads "
         "back exactly. Families not in the table's supported rows can still be registered "
         "(`gated_patch.register_model_type`) if their attention fits with other names.",

@@ -11,6 +11,7 @@ Workloads: ``prefill`` (--requests prompts of --prefill-len tokens, one output t
 
     .venv-vllm/bin/python benchmarks/vllm_throughput.py            # eager: results/vllm_throughput.json
     .venv-vllm/bin/python benchmarks/vllm_throughput.py --compile  # vLLM's default mode: ..._compiled.json
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py --model-impl transformers  # vLLM's Transformers backend
     .venv-vllm/bin/python benchmarks/vllm_throughput.py --profile  # where the time goes, per operator (eager)
     .venv-vllm/bin/python benchmarks/vllm_throughput.py --quick    # smoke run
 """
@@ -80,6 +81,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prefill-len", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="vLLM's torch.compile (default: enforce_eager)")
+    parser.add_argument("--model-impl", default="auto", choices=["auto", "transformers"],
+                        help="transformers: every engine on vLLM's Transformers backend, the gated ones through their remote code")
     parser.add_argument("--cache", default=os.path.join(HERE, "..", "outputs", "vllm_throughput_checkpoints"))
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 reps, 2 requests, short sequences")
@@ -88,7 +91,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.requests, args.prefill_len, args.decode_tokens = 2, 2, 64, 8
-    name = "vllm_throughput" + ("_compiled" if args.compile else "") + ("_quick" if args.quick else "")
+    name = ("vllm_throughput" + ("_compiled" if args.compile else "") + ("_transformers" if args.model_impl != "auto" else "")
+            + ("_quick" if args.quick else ""))
     out = args.out or os.path.join(HERE, "results", name + ".json")
 
     import vllm
@@ -96,7 +100,8 @@ def main(argv=None) -> None:
     from vllm import LLM, SamplingParams
 
     paths = build_checkpoints(os.path.abspath(args.cache))
-    engines = {variant: LLM(model=path, dtype="float32", enforce_eager=not args.compile, max_model_len=1024, seed=0)
+    engines = {variant: LLM(model=path, dtype="float32", enforce_eager=not args.compile, max_model_len=1024, seed=0,
+                            model_impl=args.model_impl, trust_remote_code=args.model_impl == "transformers")
                for variant, path in paths.items()}
     prefill_prompts = [{"prompt_token_ids": [(17 * r + 31 * i) % 40000 + 100 for i in range(args.prefill_len)]}
                        for r in range(args.requests)]
@@ -141,7 +146,8 @@ def main(argv=None) -> None:
     table = render_table(report)
     print(table)
     if not args.quick:
-        update_docs(DOCS, table, "compiled" if args.compile else "eager")
+        update_docs(DOCS, table, ("compiled" if args.compile else "eager") + (
+            "-transformers" if args.model_impl != "auto" else ""))
 
 
 def profile(engines: dict, prompts: list, params) -> None:
@@ -175,10 +181,13 @@ def update_docs(path: str, table: str, mode: str) -> None:
 
 def render_table(report: dict) -> str:
     machine, args = report["machine"], report["args"]
-    lines = [f"`.venv-vllm/bin/python benchmarks/vllm_throughput.py{' --compile' if args['compile'] else ''}`: "
+    impl = args.get("model_impl", "auto")
+    lines = [f"`.venv-vllm/bin/python benchmarks/vllm_throughput.py{' --compile' if args['compile'] else ''}"
+             f"{' --model-impl ' + impl if impl != 'auto' else ''}`: "
              f"{args['requests']} requests per batch, prefill {args['prefill_len']} tokens, decode {args['decode_tokens']} "
              f"tokens, {args['reps']} repetitions, vLLM {machine['vllm']} "
-             f"({'torch.compile' if args['compile'] else 'eager'}), float32. Machine: {machine['cpu']}, "
+             f"({'torch.compile' if args['compile'] else 'eager'}"
+             f"{', Transformers backend' if impl != 'auto' else ''}), float32. Machine: {machine['cpu']}, "
              f"{machine['cores']} cores, CPU only.", "",
              "| workload | variant | tokens/s | time gated / ungated, median [min - max] | matmul FLOP ratio |",
              "|---|---|---:|---:|---:|"]
