@@ -55,7 +55,7 @@ GATE = "model.layers.1.self_attn.attn_gate.weight"
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda w: w.pop(GATE), rf"1 gate tensors missing \(\['layers.1.self_attn.attn_gate.weight'\]\)"),
+    (lambda w: w.pop(GATE), r"1 gate tensors missing \(\['layers.1.self_attn.attn_gate.weight'\]\)"),
     (lambda w: w.update({GATE: torch.zeros(w[GATE].shape[0] + 1, w[GATE].shape[1])}), r"attn_gate.weight \(257, 256\): the config implies \(256, 256\)"),
     (lambda w: w.update({GATE.replace("weight", "bias"): torch.zeros(256)}), r"attn_gate.bias \(256,\): no gate of"),
     (lambda w: w.update({GATE.replace("1", "2", 1): w[GATE].clone()}), r"layers.2.self_attn.attn_gate.weight \(256, 256\): no gate of"),
