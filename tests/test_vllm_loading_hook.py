@@ -87,3 +87,19 @@ def test_outside_vllm_load_weights_names_from_pretrained(saved):
     model, config = saved
     with pytest.raises(GatedCheckpointError, match="vLLM's loading hook: load a gated checkpoint with from_pretrained"):
         AutoModel.from_config(config).load_weights(iter(model.model.state_dict().items()))
+
+
+def test_after_the_checkpoint_a_load_updates_some_tensors_each_gate_still_checked(saved, vllm_loader):
+    """The first load is the checkpoint (every gate tensor); later ones are weight updates, as an RL trainer syncs."""
+    model, config = saved
+    target = AutoModel.from_config(config, attn_implementation="eager").eval()
+    weights = model.model.state_dict()
+    with pytest.raises(GatedCheckpointError, match="gate tensors missing"):
+        target.load_weights(iter([(GATE, weights[GATE])]))  # a first load without every gate: not a checkpoint
+    target.load_weights(iter(weights.items()))
+    new_gate = torch.randn(weights[GATE].shape, generator=torch.Generator().manual_seed(3))
+    assert target.load_weights(iter([(GATE, new_gate)])) == {GATE}
+    assert torch.equal(target.get_parameter(GATE), new_gate)
+    assert target.load_weights(iter([("norm.weight", weights["norm.weight"])])) == {"norm.weight"}
+    with pytest.raises(GatedCheckpointError, match="the config implies"):
+        target.load_weights(iter([(GATE, new_gate[:3])]))

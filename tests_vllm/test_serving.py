@@ -93,3 +93,30 @@ def test_vllms_compiled_model_keeps_the_gate(tmp_path):
     randomize_gates(model)
     assert_same_answers(serve(save_with_tokenizer(model, tmp_path / "gated"), enforce_eager=False),
                         transformers_greedy(model))
+
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi"], ids=["vllm-class", "transformers-backend"])
+def test_a_weight_update_of_one_gate_is_served_and_a_reshaped_one_refused(model_type, tmp_path):
+    """vLLM's in-place weight update (``reload_weights``, what an RL trainer syncs weights with) calls the model's
+    ``load_weights`` with some tensors: after the checkpoint none is required, each gate tensor is still checked."""
+    model = gp.patch_model(tiny_model(model_type), gp.GateConfig(granularity="headwise", bias=True))
+    randomize_gates(model)
+    path = save_with_tokenizer(model, tmp_path / model_type)
+    before = transformers_greedy(model)
+    gate = model.model.layers[1].self_attn.attn_gate
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=torch.Generator().manual_seed(7)))
+    after = transformers_greedy(model)  # before vLLM's backend builds this class into an engine of this process
+    assert_gates_act(after, before)  # the update changes the answers
+    name = "model.layers.1.self_attn.attn_gate.weight"
+    llm = vllm_engine(path)
+    try:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(name, gate.weight.detach().clone())]})
+        llm.reset_prefix_cache()
+        assert_same_answers(vllm_greedy(llm), after)
+        with pytest.raises(gp.GatedCheckpointError, match=r"attn_gate.weight \(3, 256\): the config implies \(4, 256\)"):
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(name, torch.zeros(3, 256))]})
+    finally:
+        del llm
+        gc.collect()

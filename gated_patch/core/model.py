@@ -96,13 +96,14 @@ def load_checked(load, pretrained_model_name_or_path, *args, **kwargs):
     return (model, info) if want_info else model
 
 
-def checked_gate_load(load, weights, expected: dict, gate: GateConfig):
-    """``load(weights)`` (a vLLM ``load_weights``), refusing a gate tensor that is surplus, reshaped or missing.
+def checked_gate_load(model, load, weights, gate: GateConfig):
+    """``load(weights)``, `model`'s vLLM ``load_weights``, refusing a gate tensor that is surplus, reshaped or missing.
 
-    `expected` maps each gate tensor name, as `weights` names it, to its shape in the checkpoint (whole, unsharded):
-    vLLM's loaders serve a missing linear weight as uninitialised memory and ignore a surplus ``.bias``.
+    ``model.gate_tensor_shapes`` maps each gate tensor name, as `weights` names it, to its whole (unsharded) shape:
+    vLLM's loaders serve a missing linear weight as uninitialised memory and ignore a surplus ``.bias``. The first load
+    is the checkpoint, which must hold every gate tensor; later ones update some tensors (an RL trainer's weight sync).
     """
-    seen = set()
+    expected, seen = model.gate_tensor_shapes, set()
 
     def checked():
         for name, tensor in weights:
@@ -113,9 +114,10 @@ def checked_gate_load(load, weights, expected: dict, gate: GateConfig):
                     ". A truncated or hand-edited checkpoint, or a wrong config.json? Re-save or re-convert it.")
             yield name, tensor
     loaded = load(checked())
-    if missing := sorted(set(expected) - seen):
+    if not getattr(model, "gate_tensors_loaded", False) and (missing := sorted(set(expected) - seen)):
         raise GatedCheckpointError(f"Gated checkpoint: {len(missing)} gate tensors missing ({missing[:4]}). Truncated? "
                                    "Re-save or re-convert it; it is never served with uninitialised gates.")
+    model.gate_tensors_loaded = True
     return loaded
 
 
@@ -149,7 +151,7 @@ class GatedPreTrainedMixin:
         loader = getattr(sys.modules.get("vllm.model_executor.models.utils"), "AutoWeightsLoader", None)
         if loader is None:
             raise GatedCheckpointError("load_weights is vLLM's loading hook: load a gated checkpoint with from_pretrained.")
-        return checked_gate_load(loader(self).load_weights, weights, self.gate_tensor_shapes, gate_config_of(self.config))
+        return checked_gate_load(self, loader(self).load_weights, weights, gate_config_of(self.config))
 
     def _init_weights(self, module: nn.Module) -> None:
         module.reset_parameters() if isinstance(module, AttentionGateLinear) else super()._init_weights(module)

@@ -81,7 +81,7 @@ class GateCheckedLoading:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if not self.gate_tensor_shapes:
             return super().load_weights(weights)
-        return checked_gate_load(super().load_weights, weights, self.gate_tensor_shapes, self.gate_config)
+        return checked_gate_load(self, super().load_weights, weights, self.gate_config)
 
 
 # ---------------------------------------------------------------------------------------- vLLM's own model classes
