@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import CONFIG_NAME
 
+from gated_patch import gate_parameters
 from gated_patch.checkpoints.format import config_object
 from gated_patch.core.errors import GatedCheckpointError
 from gated_patch.core.gate import GATE_MODULE_NAME
@@ -39,7 +40,8 @@ def _verify_added_gates(plan: ConversionPlan, out: Path) -> str:
     result = AutoModelForCausalLM.from_pretrained(out).eval()
     source_state, result_state = source_model.state_dict(), result.state_dict()
     changed = [k for k in source_state if not torch.equal(source_state[k], result_state[k])]
-    if changed or set(result_state) - set(source_state) != set(plan.gate_tensors):
+    gates = {name for name, _ in gate_parameters(result)}  # the model's names; the plan's are the files' names
+    if changed or set(result_state) - set(source_state) != gates or len(gates) != len(plan.gate_tensors):
         raise GatedCheckpointError(f"verify: {out} differs from {plan.source} in {changed[:5]}; please report this.")
     diff = _max_logit_diff(source_model, result, out)
     if plan.gate.init == "identity" and diff != 0.0:
@@ -62,7 +64,7 @@ def _verify_round_trip(plan: ConversionPlan, out: Path) -> str:
     back_layout = plan.source_layout if plan.target_layout == layouts.PLUGIN else layouts.PLUGIN
     shape = layouts.AttentionShape.from_config(config_object(out / CONFIG_NAME))
     out_shards, out_names = source_shards(out, allow_pickle=False)
-    _, src_names = source_shards(plan.source, allow_pickle=True)
+    src_names = {name: shard for shard in plan.sources for name in shard.entries}  # the shards the plan read
     granularity = plan.gate.granularity
     layer_tensor = re.compile(rf"^{re.escape(plan.modules['decoder_layers'])}\.\d+\.{re.escape(plan.modules['attention'])}"
                               r"\.(\w+)\.(weight|bias)$")
@@ -96,7 +98,7 @@ def _verify_round_trip(plan: ConversionPlan, out: Path) -> str:
 
 def _max_logit_diff(source_model, result, out: Path) -> float:
     """max |logits difference| of two models on the verify prompt (tokenized with OUT's tokenizer, if it has one)."""
-    ids = _prompt_ids(out, source_model.config.vocab_size)
+    ids = _prompt_ids(out, source_model.config.get_text_config().vocab_size)
     with torch.no_grad():
         return (source_model(ids).logits - result(ids).logits).abs().max().item()
 

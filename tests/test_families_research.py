@@ -182,8 +182,9 @@ def test_a_changed_gpt2_attention_is_refused_before_anything_changes(monkeypatch
 @pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "deepseek_v3", "jamba", "mixtral", "exaone", "gemma3",
                                         "nemotron_h"])
 def test_the_converter_gates_a_saved_checkpoint_as_patch_model_does(tmp_path, model_type):
-    """The streaming converter reads the family from the checkpoint alone (no model built): gate names, shapes and
-    the hybrid's attention layers match what patch_model makes, and the identity gates leave the logits unchanged.
+    """The streaming converter reads the family from the checkpoint (a model built on the meta device, no weights):
+    gate names, shapes and the hybrid's attention layers match what patch_model makes, and the identity gates leave the
+    logits unchanged (`--verify` checks that too).
     The source's tensors keep their saved names (GPT-NeoX's ``embed_out``, Mixtral's per-expert weights, EXAONE's
     ``transformer.h``, Gemma 3's ``language_model.model``), the gates go where the family's files put the attention,
     and the gated class loads them all through the upstream class's conversions."""
@@ -191,7 +192,7 @@ def test_the_converter_gates_a_saved_checkpoint_as_patch_model_does(tmp_path, mo
 
     plain = tiny(model_type)
     plain.save_pretrained(tmp_path / "src")
-    assert convert([str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress"]) == 0
+    assert convert([str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress", "--verify"]) == 0
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     patched = gated_patch.patch_model(tiny(model_type))
     shapes = {name: p.shape for name, p in gated_patch.gate_parameters(converted)}
