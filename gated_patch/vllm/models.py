@@ -12,8 +12,9 @@ Two routes, chosen per architecture (`gated_model_class`):
   gated model, hooks and all) and replaces its linear layers by vLLM's parallel ones following the model's
   tensor-parallel plan, in which the gate splits with the heads.
 
-Both routes check every gate tensor against the shapes the config implies as it loads: vLLM itself would serve a
-missing gate weight as uninitialised memory and drop a surplus ``.bias``. vLLM's generic Transformers backend classes
+Both routes check every gate tensor against the shapes the config implies as it loads (`checked_gate_load`: vLLM's
+model class here, the gated transformers model on the backend route): vLLM itself would serve a missing gate weight
+as uninitialised memory and drop a surplus ``.bias``. vLLM's generic Transformers backend classes
 (``model_impl="transformers"``) are replaced by subclasses that do the same for gated checkpoints.
 """
 
@@ -71,17 +72,6 @@ def _refuse_lora(vllm_config) -> None:
         raise UpstreamStructureError("Cannot serve a gated checkpoint with LoRA adapters in vLLM (enable_lora): vLLM's "
                                      "LoRA layers replace the output projection that applies the gate. Merge the "
                                      "adapter into the gated model (merge_and_unload, save_pretrained) and serve that.")
-
-
-class GateCheckedLoading:
-    """Mixin: ``load_weights`` checks every gate tensor of a gated config, and that none is missing."""
-
-    gate_tensor_shapes: dict = {}
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        if not self.gate_tensor_shapes:
-            return super().load_weights(weights)
-        return checked_gate_load(self, super().load_weights, weights, self.gate_config)
 
 
 # ---------------------------------------------------------------------------------------- vLLM's own model classes
@@ -159,7 +149,7 @@ def gate_attention(attention: nn.Module, config: GateConfig, hidden_size: int, n
     projection.__dict__.update({_SOURCE: None, "gate_parts": (gate, config, local_heads)})
 
 
-class GatedVllmModelMixin(GateCheckedLoading):
+class GatedVllmModelMixin:
     """In front of vLLM's ``<Architecture>ForCausalLM``: gates its attention and checks the gate tensors it loads."""
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
@@ -193,13 +183,17 @@ class GatedVllmModelMixin(GateCheckedLoading):
                     f"{attention.head_dim}, so its gate would be {built}, but the config implies {implied}. "
                     "vLLM builds this config differently from transformers; serve it with transformers and the plugin.")
 
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return checked_gate_load(self, super().load_weights, weights, self.gate_config)
+
 
 # -------------------------------------------------------------------------------------- vLLM's Transformers backend
 
 
-class GatedTransformersMixin(GateCheckedLoading):
+class GatedTransformersMixin:
     """In front of a class of vLLM's Transformers backend: for a gated config, the model transformers builds is gated
-    (the plugin's Auto classes), every gate is there, and the gate tensors are checked as they load."""
+    (the plugin's Auto classes) and every gate is there; that model checks the gate tensors as they load (its
+    ``load_weights``, `GatedPreTrainedMixin`)."""
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
         hf_config = vllm_config.model_config.hf_config
@@ -208,11 +202,9 @@ class GatedTransformersMixin(GateCheckedLoading):
             return
         check_vllm_version()
         _refuse_lora(vllm_config)
-        self.gate_config, self.gate_modules = gate_config_of(hf_config), gate_modules_of(hf_config)
-        self.gate_tensor_shapes = gate_tensor_shapes(self.gate_config, self.gate_modules, hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        layers = self.gate_config.layer_indices(hf_config.get_text_config().num_hidden_layers,
-                                                self.gate_modules.get("attention_layers"))
+        layers = gate_config_of(hf_config).layer_indices(hf_config.get_text_config().num_hidden_layers,
+                                                         gate_modules_of(hf_config).get("attention_layers"))
         gated = [name for name, module in self.model.named_modules() if is_gated_attention(module)]
         if len(gated) != len(layers):
             raise UpstreamStructureError(
