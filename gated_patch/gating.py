@@ -15,7 +15,7 @@ from .checkpoints.format import auto_built_classes, gate_tensor_shapes, remove_g
 from .checkpoints.saving import GatedModelMixin, adopt_gated_classes
 from .core.config import GateConfig
 from .core.errors import GatedCheckpointError, NotPatchedError, UnsupportedModelError
-from .core.gate import GATE_MODULE_NAME, gate_shape, is_gate_name
+from .core.gate import is_gate_name
 from .core.hooks import detach_gate, is_gated_attention
 from .core.model import (GATE_CONFIG_KEY, GATE_MODULES_KEY, add_gates, decoder_layers_path, gated_attention_paths,
                          original_class)
@@ -116,16 +116,16 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) ->
         raise NotPatchedError(f"`{path}` of {type(model).__name__} is a {type(layers).__name__}, not the list of decoder "
                               f"layers (nn.ModuleList); fix the registration of {family.model_type!r}.")
     modules = {**family.gate_modules, "decoder_layers": path}
-    try:  # what the config says the gates are: a checkpoint is checked against it before loading
-        expected = gate_tensor_shapes(gate, modules, model.config)
+    try:  # the gate shapes a checkpoint is checked against come from the config: it must give one attention size
+        gate_tensor_shapes(gate, modules, model.config)
     except GatedCheckpointError as exc:
         raise UnsupportedModelError(f"Cannot gate {type(model).__name__} (model_type {family.model_type!r}): its config "
                                     f"does not give one attention size for every layer ({exc})") from None
     for index in gate.layer_indices(len(layers), family.attention_layers):
         if getattr(layers[index], family.attention, None) is None:
             raise NotPatchedError(f"Decoder layer {index} has no `{family.attention}` module; check the registration.")
-    text_config, num_heads = model.config.get_text_config(), model.config.get_text_config().num_attention_heads
-    head_size = value_head_size(text_config)
+    text_config = model.config.get_text_config()
+    num_heads, head_size = text_config.num_attention_heads, value_head_size(text_config)
     for where in gated_attention_paths(model, gate, modules):
         attention = model.get_submodule(where)
         projection = getattr(attention, family.output_projection, None)
@@ -138,10 +138,6 @@ def gate_model(model: PreTrainedModel, gate: GateConfig, family: ModelFamily) ->
                 "with tp_plan='auto' (transformers then shards the gates with the heads).")
         check_attention_structure(attention, where, family.output_projection, num_heads, head_size,
                                   family.resolve_attention_class(), family.model_type)
-        shape = gate_shape(gate, text_config.hidden_size, num_heads, head_size)
-        if shape != expected[f"{where}.{GATE_MODULE_NAME}.weight"]:
-            raise UnsupportedModelError(f"Cannot gate {where} of {type(model).__name__}: its attention gives gate shape "
-                                        f"{shape}, the config {expected[next(iter(expected))]} (per-layer head sizes?)")
     add_gates(model, gate, modules, placement=_gate_placement(model))
     adopt_gated_classes(model)
     setattr(model.config, GATE_CONFIG_KEY, gate.to_dict())

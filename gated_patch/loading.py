@@ -20,7 +20,7 @@ from typing import Any
 import transformers
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
-from .checkpoints.format import auto_model_names, family_of, is_gated_model_type
+from .checkpoints.format import auto_model_names, family_heads, family_of, is_gated_model_type
 from .checkpoints.saving import gated_model_class
 from .core.errors import GatedCheckpointError, UpstreamStructureError
 from .core.model import GatedPreTrainedMixin, gated_config_class
@@ -51,19 +51,15 @@ class GatedAutoLoader:
 def register_gated_auto_classes() -> None:
     """Register ``gated_<model_type>`` with ``AutoConfig`` and a `GatedAutoLoader` with every Auto class of the family,
     for every family transformers builds a causal LM of (config classes only)."""
-    names = auto_model_names()
-    for model_type in names["AutoModelForCausalLM"]:
+    for model_type in auto_model_names()["AutoModelForCausalLM"]:
         if model_type not in CONFIG_MAPPING:
             continue
         config_class = gated_config_class(CONFIG_MAPPING[model_type])
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        for auto_name, mapping in names.items():
-            upstream = mapping.get(model_type)
-            if upstream:
-                upstream = upstream if isinstance(upstream, str) else upstream[0]
-                loader = type(f"Gated{upstream}Loader", (GatedAutoLoader,),
-                              {"config_class": config_class, "upstream_name": upstream, "__module__": __name__})
-                getattr(transformers, auto_name).register(config_class, loader, exist_ok=True)
+        for auto_name, upstream in family_heads(model_type).items():
+            loader = type(f"Gated{upstream}Loader", (GatedAutoLoader,),
+                          {"config_class": config_class, "upstream_name": upstream, "__module__": __name__})
+            getattr(transformers, auto_name).register(config_class, loader, exist_ok=True)
 
 
 def _checkpoint_model_type(pretrained_model_name_or_path, kwargs: dict) -> str | None:

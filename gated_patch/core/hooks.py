@@ -19,11 +19,6 @@ _HOOKS, _CONTEXT = "_gated_attention_hooks", "_gated_attention_input"  # __dict_
 GATE_ATTRIBUTES = ("gate_config", "gate_num_heads", "gate_head_dim", "gate_projection_name")  # set on a gated attention
 
 
-def input_width(projection: nn.Module) -> int:
-    """The input features of an output projection: an `nn.Linear`, or transformers' `Conv1D` (GPT-2; weight [in, out])."""
-    return projection.in_features if isinstance(projection, nn.Linear) else projection.nx
-
-
 def is_gated_attention(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("gate_config"), GateConfig)
 

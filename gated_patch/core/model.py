@@ -17,7 +17,7 @@ from transformers import conversion_mapping
 
 from .config import GateConfig
 from .errors import GatedCheckpointError
-from .gate import GATE_MODULE_NAME, AttentionGateLinear, is_gate_name
+from .gate import AttentionGateLinear, is_gate_name
 from .hooks import attach_gate
 from .parallel import add_gate_tp_plan, check_gate_sharding
 
@@ -87,7 +87,7 @@ def load_checked(load, pretrained_model_name_or_path, *args, **kwargs):
     found = {"missing": info["missing_keys"], "unused": info["unexpected_keys"], "wrong-shaped": [
         f"{n} (checkpoint {tuple(a)}, model {tuple(b)})" for n, a, b in info["mismatched_keys"]]}
     problems = [f"{what} tensors {kept[:4]}{' ...' if len(kept) > 4 else ''}" for what, names in found.items()
-                if (kept := sorted(n for n in names if same_head or f".{GATE_MODULE_NAME}." in f".{n}"))]
+                if (kept := sorted(n for n in names if same_head or is_gate_name(n)))]
     if problems:
         raise GatedCheckpointError(f"Gated checkpoint {pretrained_model_name_or_path}: {'; '.join(problems)}: truncated or edited "
                                    "(re-save or re-convert it), or saved from a class that names its weights otherwise "

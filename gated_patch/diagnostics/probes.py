@@ -9,7 +9,6 @@ gate from two forward pre-hooks on the output projection placed around the gatin
 from __future__ import annotations
 
 import contextlib
-import operator
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -19,6 +18,7 @@ from torch import nn
 from ..core.errors import UpstreamStructureError
 from ..core.gate import GATE_MODULE_NAME, gate_scores
 from ..core.hooks import hook_output_projection, is_gated_attention
+from ..core.model import decoder_layers_path
 from ..families import family_for
 
 #: Gate-score thresholds whose fractions are reported (the paper discusses scores near zero as "sparse").
@@ -45,30 +45,23 @@ class LayerAccumulator:
     gate_max: float = float("-inf")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    family = family_for(model)
-    try:
-        return operator.attrgetter(family.decoder_layers)(model)
-    except AttributeError as exc:
-        raise UpstreamStructureError(
-            f"{type(model).__name__} has no `{family.decoder_layers}` (the registered decoder-layer path of "
-            f"model_type {family.model_type!r}); pass a causal-LM model, e.g. AutoModelForCausalLM.from_pretrained(...)."
-        ) from exc
-
-
-def attention_module(model: nn.Module, layer: nn.Module) -> nn.Module:
-    family = family_for(model)
-    attention = getattr(layer, family.attention, None)
-    if attention is None:
-        raise UpstreamStructureError(f"Decoder layer {type(layer).__name__} has no `{family.attention}` module.")
-    return attention
-
-
 def attention_layers(model: nn.Module) -> list[tuple[int, nn.Module, nn.Module]]:
     """``(decoder-layer index, layer, attention module)`` of every layer with softmax attention (in a hybrid, not
-    its state-space or linear-attention layers)."""
-    layers, indices = decoder_layers(model), family_for(model).attention_layers
-    return [(i, layers[i], attention_module(model, layers[i])) for i in (range(len(layers)) if indices is None else indices)]
+    its state-space or linear-attention layers); `model` is any head of its family, or its base model."""
+    family = family_for(model)
+    try:
+        layers = model.get_submodule(decoder_layers_path(model, family.decoder_layers))
+    except AttributeError as exc:
+        raise UpstreamStructureError(
+            f"{type(model).__name__} has no `{family.decoder_layers}` (the decoder layers of model_type "
+            f"{family.model_type!r}); pass a causal-LM model, e.g. AutoModelForCausalLM.from_pretrained(...).") from exc
+    found = []
+    for i in range(len(layers)) if family.attention_layers is None else family.attention_layers:
+        attention = getattr(layers[i], family.attention, None)
+        if attention is None:
+            raise UpstreamStructureError(f"Decoder layer {type(layers[i]).__name__} has no `{family.attention}` module.")
+        found.append((i, layers[i], attention))
+    return found
 
 
 @contextlib.contextmanager
@@ -146,6 +139,7 @@ class MetricProbes(HookSet):
         super().__init__()
         self.model = model
         self.layers = attention_layers(model)  # (decoder-layer index, layer, attention)
+        self.output_projection = family_for(model).output_projection  # of an ungated attention
         self.accumulators = {index: LayerAccumulator() for index, _, _ in self.layers}
 
     def install(self) -> None:
@@ -156,7 +150,7 @@ class MetricProbes(HookSet):
 
     def _install_output_hooks(self, index: int, attention: nn.Module) -> None:
         gated = is_gated_attention(attention)
-        name = attention.gate_projection_name if gated else family_for(self.model).output_projection
+        name = attention.gate_projection_name if gated else self.output_projection
         projection = hook_output_projection(attention) if gated else getattr(attention, name, None)  # the gate's hook first
         if projection is None:
             raise UpstreamStructureError(f"Attention module {type(attention).__name__} has no `{name}` projection.")
