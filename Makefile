@@ -29,6 +29,10 @@ $(VLLM_VENV)/.installed: $(call LOCK,vllm) setup.cfg pyproject.toml
 $(ENGINES_VENV)/.installed: $(call LOCK,engines) .ci/llama-cpp-all-attention.patch $(VENV)/.installed
 	$(BUILD) engines $(ENGINES_VENV) --base $(VENV) $(VENV_SOURCE)
 
+# The oldest supported transformers and PEFT, in an overlay on the main venv.
+$(OLDEST_VENV)/.installed: $(call LOCK,oldest) $(VENV)/.installed
+	$(BUILD) oldest $(OLDEST_VENV) --base $(VENV) $(VENV_SOURCE)
+
 install: $(VENV)/.installed
 
 # The main job on the embedded default model, in a venv without the test extras.
@@ -48,8 +52,7 @@ test-fast: $(VENV)/.installed
 
 # The core, checkpoint and PEFT tests against the oldest supported transformers and PEFT (gated_patch/core/versions.py)
 # in an overlay on the main venv; `make test` covers the locked newest. About 3 minutes on 2 cores.
-test-oldest: $(VENV)/.installed
-	$(BUILD) oldest $(OLDEST_VENV) --base $(VENV) $(VENV_SOURCE)
+test-oldest: $(OLDEST_VENV)/.installed
 	.ci/oldest-transformers $(OLDEST_VENV)
 
 test-vllm: $(VLLM_VENV)/.installed
